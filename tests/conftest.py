@@ -32,3 +32,28 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def make_tiny_llama(seed: int = 0, **overrides):
+    """A randomly initialised LlamaForCausalLM small enough for CPU tests (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory fixture: tiny_llama(seed=0, **config_overrides) -> LlamaForCausalLM."""
+    return make_tiny_llama
