@@ -17,15 +17,15 @@ def row_groups(m: int, r: int, device: torch.device | str | None = None) -> torc
 
 
 def times_alpha_rows(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """w[o, i] * alpha[g(o), i] for w (m, n) and alpha (r, n); returns (m, n).
+    """w[o, i] * alpha[g(o), i] for w (m, n) or (m, 1) and alpha (r, n); returns (m, n).
 
     When r divides m this broadcasts alpha over a (r, m/r, n) view of w, so Repeat(alpha)
     is never built; otherwise alpha rows are gathered (torch backend / references only).
     """
-    m, n = w.shape
-    r = alpha.shape[0]
+    m = w.shape[0]
+    r, n = alpha.shape
     if m % r == 0:
-        return (w.view(r, m // r, n) * alpha[:, None, :]).view(m, n)
+        return (w.reshape(r, m // r, w.shape[1]) * alpha[:, None, :]).reshape(m, n)
     return w * alpha.index_select(0, row_groups(m, r, alpha.device))
 
 

@@ -146,7 +146,8 @@ def _backward(ctx, dy):
         dx = dx if need_dx else None
         dalpha, dbeta = (dalpha, dbeta) if need_dab else (None, None)
     if ctx.needs_input_grad[4]:
-        dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        dbias = dy.sum(0, dtype=acc).to(ctx.bias_dtype)
     return dx, None, dalpha, dbeta, dbias, None, None, None, None
 
 
