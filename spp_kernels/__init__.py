@@ -1,8 +1,18 @@
 """spp-kernels: sparsity-preserved parameter-efficient fine-tuning (SPP) of pruned LLMs."""
 
+from .authors import load_authors_checkpoint
 from .dropout import dropout_mask
 from .layer import SPPLinear
+from .model import SPPConfig, SPPModel, get_spp_model
 from .ops import spp_linear
 
-__all__ = ["SPPLinear", "dropout_mask", "spp_linear"]
+__all__ = [
+    "SPPConfig",
+    "SPPLinear",
+    "SPPModel",
+    "dropout_mask",
+    "get_spp_model",
+    "load_authors_checkpoint",
+    "spp_linear",
+]
 __version__ = "0.1.0"

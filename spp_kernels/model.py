@@ -1,0 +1,558 @@
+"""SPPConfig, get_spp_model and SPPModel: SPP adapters on a (pruned) Hugging Face model.
+
+The peft workflow, without losing sparsity at merge time:
+
+    model = get_spp_model(pruned_llama, SPPConfig(r=16))   # targeted nn.Linear -> SPPLinear
+    ...train (only every layer's alpha (r, n) and beta (m,) are trainable)...
+    model.save_pretrained("adapter/")                      # adapters only, safetensors
+    merged = model.merge_and_unload()                      # plain nn.Linear, W * (1 + s*alpha[g]*beta)
+
+Every zero of a frozen weight W stays zero, bitwise, through training and merging, because
+the learnt update is the elementwise product W' = W * alpha[g(o)] * beta[o].
+
+On-disk format of `save_pretrained(dir)`:
+  adapter_model.safetensors  tensors "<module name>.alpha" (r, n) and "<module name>.beta" (m,),
+                             module names as in the base model (e.g.
+                             "model.layers.0.self_attn.q_proj"); metadata "spp_config" holds
+                             the config JSON. Written last: it is the commit point.
+  spp_config.json            the same config JSON, human readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .io import atomic_save_safetensors, atomic_write_text
+from .layer import INITS, SPPLinear
+from .validation import BACKENDS
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "LLAMA_TARGET_MODULES",
+    "ParameterCount",
+    "SPPConfig",
+    "SPPModel",
+    "get_spp_model",
+]
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "spp_config.json"
+FORMAT_VERSION = "1"
+LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_DTYPES = ("float32", "float16", "bfloat16", "float64")
+WEIGHT_FORMATS = ("dense", "nm", "auto")
+ALL_LINEAR = "all-linear"
+
+
+def _default_targets() -> list[str]:
+    return list(LLAMA_TARGET_MODULES)
+
+
+@dataclass
+class SPPConfig:
+    """Configuration of SPP adapters; round-trips through JSON (`to_json` / `from_json`).
+
+    Args:
+        r: rows of each alpha (r, n); 1 <= r <= every targeted layer's out_features m.
+        scale: multiplier of the adapter term (merged W = W * (1 + scale * alpha[g] * beta)).
+        dropout: dropout rate on the adapter input during training.
+        target_modules: which nn.Linear modules get adapters: a list of module-name suffixes
+            (matching whole dotted components: "q_proj" matches "model.layers.0.self_attn.q_proj"),
+            a regular expression matched against the full module name (re.fullmatch), or
+            "all-linear" (every nn.Linear except the output head). Default: LLaMA's seven
+            projections q/k/v/o_proj, gate/up/down_proj, as in the paper.
+        init: adapter init, one of spp_kernels.layer.INITS ("paper": beta = 0, so the
+            wrapped model starts equal to the pruned one).
+        backend: "auto", "triton" or "torch" (see spp_kernels.spp_linear).
+        adapter_dtype: None (adapters in the weight's dtype) or "float32", "bfloat16",
+            "float16", "float64": e.g. a bf16 model with fp32 adapters.
+        weight_format: "dense", "nm" (packed N:M frozen weights) or "auto"; forwarded to
+            SPPLinear.from_linear when not "dense".
+    """
+
+    r: int = 16
+    scale: float = 2.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = field(default_factory=_default_targets)
+    init: str = "paper"
+    backend: str = "auto"
+    adapter_dtype: str | None = None
+    weight_format: str = "dense"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter_dtype, torch.dtype):
+            self.adapter_dtype = str(self.adapter_dtype).removeprefix("torch.")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"SPPConfig: r must be a positive int, got {self.r!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise ValueError(f"SPPConfig: scale must be a number, got {self.scale!r}")
+        if not torch.isfinite(torch.tensor(float(self.scale))):
+            raise ValueError(f"SPPConfig: scale must be finite, got {self.scale!r}")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
+            raise ValueError(f"SPPConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str):
+            if self.target_modules != ALL_LINEAR:
+                try:
+                    re.compile(self.target_modules)
+                except re.error as e:
+                    raise ValueError(
+                        f"SPPConfig: target_modules {self.target_modules!r} is not a valid "
+                        f"regular expression: {e}"
+                    ) from None
+        elif not isinstance(self.target_modules, list) or not all(
+            isinstance(s, str) and s for s in self.target_modules
+        ):
+            raise ValueError(
+                "SPPConfig: target_modules must be a list of non-empty module-name suffixes, "
+                f"a regex string or {ALL_LINEAR!r}, got {self.target_modules!r}"
+            )
+        elif not self.target_modules:
+            raise ValueError("SPPConfig: target_modules is an empty list")
+        if self.init not in INITS:
+            raise ValueError(f"SPPConfig: init must be one of {INITS}, got {self.init!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"SPPConfig: backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(
+                f"SPPConfig: adapter_dtype must be None or one of {ADAPTER_DTYPES}, "
+                f"got {self.adapter_dtype!r}"
+            )
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(
+                f"SPPConfig: weight_format must be one of {WEIGHT_FORMATS}, "
+                f"got {self.weight_format!r}"
+            )
+        self.scale = float(self.scale)
+        self.dropout = float(self.dropout)
+
+    @property
+    def torch_adapter_dtype(self) -> torch.dtype | None:
+        """`adapter_dtype` as a torch.dtype (None: the weight's dtype)."""
+        return None if self.adapter_dtype is None else getattr(torch, self.adapter_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SPPConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"SPPConfig.from_dict expects a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"SPPConfig: unknown keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> SPPConfig:
+        return cls.from_dict(json.loads(text))
+
+    def matches(self, name: str) -> bool:
+        """Whether the module called `name` is targeted (module type is checked elsewhere)."""
+        if isinstance(self.target_modules, list):
+            return any(name == s or name.endswith("." + s) for s in self.target_modules)
+        if self.target_modules == ALL_LINEAR:
+            return True
+        return re.fullmatch(self.target_modules, name) is not None
+
+
+class ParameterCount(NamedTuple):
+    """Trainable and total parameter counts (numel)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            return get()
+        except (NotImplementedError, AttributeError):
+            return None
+    return None
+
+
+def find_targets(model: nn.Module, config: SPPConfig) -> dict[str, nn.Linear]:
+    """The nn.Linear modules of `model` that `config` targets, by full name, in module order.
+
+    Raises ValueError when nothing matches, naming the model's linear layers.
+    """
+    head = _output_head(model) if config.target_modules == ALL_LINEAR else None
+    targets: dict[str, nn.Linear] = {}
+    skipped: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not config.matches(name):
+            continue
+        if isinstance(module, nn.Linear):
+            if config.target_modules == ALL_LINEAR and (module is head or name == "lm_head"):
+                continue
+            targets[name] = module
+        elif config.target_modules != ALL_LINEAR and len(module._modules) == 0:
+            skipped.append(f"{name} ({type(module).__name__})")
+    if not targets:
+        suffixes = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        msg = (
+            f"get_spp_model: target_modules={config.target_modules!r} matched no nn.Linear in "
+            f"{type(model).__name__}; its nn.Linear layers are named ...{suffixes}"
+        )
+        if skipped:
+            msg += f"; matched but not nn.Linear (unsupported): {skipped[:5]}"
+        raise ValueError(msg)
+    return targets
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _progress(items: list, desc: str) -> Iterator:
+    # tqdm shows a bar only when the loop is still running after `delay` seconds.
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(items, desc=desc, delay=2.0, leave=False))
+
+
+def _from_linear_kwargs(config: SPPConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        r=config.r,
+        scale=config.scale,
+        dropout=config.dropout,
+        init=config.init,
+        backend=config.backend,
+        adapter_dtype=config.torch_adapter_dtype,
+    )
+    if config.weight_format != "dense":
+        if "weight_format" not in inspect.signature(SPPLinear.from_linear).parameters:
+            raise ValueError(
+                f"SPPConfig: weight_format={config.weight_format!r} needs packed N:M weight "
+                "support in SPPLinear.from_linear, which this version lacks; use 'dense'"
+            )
+        kwargs["weight_format"] = config.weight_format
+    return kwargs
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A regular tensor holding all of `t` (gathers an FSDP2 / DTensor shard: a collective)."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
+def _is_writer() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class SPPModel(nn.Module):
+    """A model whose targeted nn.Linear layers are SPPLinear; everything else frozen.
+
+    Use `get_spp_model(model, config)` (same as `SPPModel(model, config)`). Attribute access
+    falls through to the wrapped model (`.config`, `.generate`, `.gradient_checkpointing_enable`,
+    ...), and `forward` has the wrapped model's signature, so Hugging Face's Trainer can
+    train it like the original.
+
+    Attributes:
+        base_model: the wrapped model (modified in place).
+        spp_config: the SPPConfig used.
+    """
+
+    def __init__(self, model: nn.Module, config: SPPConfig) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"get_spp_model: model must be an nn.Module, got {type(model)}")
+        if isinstance(model, SPPModel):
+            raise ValueError("get_spp_model: model is already an SPPModel (adapters applied)")
+        if not isinstance(config, SPPConfig):
+            raise TypeError(f"get_spp_model: config must be an SPPConfig, got {type(config)}")
+        existing = [n for n, m in model.named_modules() if isinstance(m, SPPLinear)]
+        if existing:
+            raise ValueError(
+                f"get_spp_model: model already has SPP adapters (e.g. {existing[0]}); "
+                "apply get_spp_model once, or merge_and_unload() first"
+            )
+        targets = find_targets(model, config)
+        for name, linear in targets.items():
+            if config.r > linear.out_features:
+                raise ValueError(
+                    f"get_spp_model: r={config.r} exceeds out_features={linear.out_features} "
+                    f"of {name}"
+                )
+        kwargs = _from_linear_kwargs(config)
+        super().__init__()
+        self.base_model = model
+        self.spp_config = config
+        # Restored by merge_and_unload, so the merged model trains like the original did.
+        self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+        for name in _progress(list(targets), "SPP: wrapping linear layers"):
+            layer = SPPLinear.from_linear(targets[name], **kwargs)
+            # A new module starts in training mode; keep the replaced layer's mode instead
+            # (else adapter dropout would run inside an eval-mode model).
+            _set_submodule(model, name, layer.train(targets[name].training))
+        # A per-instance forward whose signature is the wrapped model's (Trainer reads it to
+        # decide which batch columns to keep); it calls the model's __call__ so its hooks run.
+        self.forward = functools.update_wrapper(
+            functools.partial(SPPModel._call_base, self), model.forward
+        )
+
+    def _call_base(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # replaced per instance in __init__
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def spp_layers(self) -> dict[str, SPPLinear]:
+        """The SPPLinear modules by full name in the base model, in module order."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SPPLinear)}
+
+    # ---- parameters -------------------------------------------------------------------
+
+    def trainable_parameters(self) -> ParameterCount:
+        """(trainable, total) parameter counts; trainable = sum of r*n + m over SPP layers."""
+        trainable = total = 0
+        for p in self.parameters():
+            numel = p.numel()
+            total += numel
+            if p.requires_grad:
+                trainable += numel
+        return ParameterCount(trainable, total)
+
+    def print_trainable_parameters(self) -> None:
+        """Print peft's line: trainable params: X || all params: Y || trainable%: Z."""
+        count = self.trainable_parameters()
+        print(
+            f"trainable params: {count.trainable:,d} || all params: {count.total:,d} "
+            f"|| trainable%: {count.percent:.4f}"
+        )
+
+    # ---- adapter state ----------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """{"<layer>.alpha": (r, n), "<layer>.beta": (m,)}, detached, full (gathered) tensors.
+
+        Under FSDP2 the adapters are gathered, a collective: call on every rank.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self.spp_layers().items():
+            out[f"{name}.alpha"] = _full(layer.alpha.detach())
+            out[f"{name}.beta"] = _full(layer.beta.detach())
+        return out
+
+    def check_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError naming the first layer whose adapters do not fit this model."""
+        _check_adapter_state(self.spp_layers(), state, where="the adapter")
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy alpha/beta from `state` (keys as in `adapter_state_dict`), checked first.
+
+        Values are cast to each layer's adapter dtype; every layer must be present.
+        """
+        layers = self.spp_layers()
+        _check_adapter_state(layers, state, where="the adapter")
+        for name, layer in layers.items():
+            for part in ("alpha", "beta"):
+                param = getattr(layer, part)
+                if hasattr(param, "full_tensor"):
+                    raise ValueError(
+                        "load_adapter_state_dict: parameters are sharded (FSDP2/DTensor); load "
+                        "adapters before fully_shard"
+                    )
+                param.copy_(state[f"{name}.{part}"])
+
+    # ---- merge ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Replace every SPPLinear by a plain nn.Linear with W * (1 + scale * alpha[g] * beta).
+
+        Returns the base model. Zeros of every frozen weight stay zero (bitwise); the
+        parameters' requires_grad flags are restored to what they were before
+        get_spp_model. This SPPModel should not be used afterwards.
+        """
+        layers = self.spp_layers()
+        for name in _progress(list(layers), "SPP: merging"):
+            merged = layers[name].merge().train(layers[name].training)
+            _set_submodule(self.base_model, name, merged)
+        for name, p in self.base_model.named_parameters():
+            p.requires_grad_(self._requires_grad_before.get(name, False))
+        return self.base_model
+
+    # ---- save / load ------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write only the adapters: spp_config.json, then adapter_model.safetensors.
+
+        Each file is written atomically (temp file, fsync, rename); the weights file is the
+        commit point and carries the config in its metadata, so an interrupted save leaves
+        the previous adapter loadable. Under torch.distributed call on every rank (FSDP2
+        shards are gathered); only rank 0 writes.
+        """
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a directory")
+        state = self.adapter_state_dict()
+        if _is_writer():
+            directory.mkdir(parents=True, exist_ok=True)
+            config_json = self.spp_config.to_json()
+            metadata = {"format": "spp-kernels", "format_version": FORMAT_VERSION}
+            metadata["spp_config"] = config_json
+            atomic_write_text(directory / ADAPTER_CONFIG_NAME, config_json)
+            atomic_save_safetensors(state, directory / ADAPTER_WEIGHTS_NAME, metadata)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool = False
+    ) -> SPPModel:
+        """Wrap `model` with the adapters saved in `adapter_directory` by save_pretrained.
+
+        Checks every targeted layer's name and shapes before touching `model`, and raises
+        ValueError naming the first mismatching layer. With is_trainable=False the adapters
+        are frozen and the model is put in eval mode.
+        """
+        config, state = read_adapter(adapter_directory)
+        targets = find_targets(model, config)
+        _check_adapter_state(
+            {n: (m.out_features, m.in_features) for n, m in targets.items()},
+            state,
+            where=f"the adapter in {adapter_directory}",
+            r=config.r,
+        )
+        spp = cls(model, config)
+        spp.load_adapter_state_dict(state)
+        if not is_trainable:
+            for layer in spp.spp_layers().values():
+                layer.alpha.requires_grad_(False)
+                layer.beta.requires_grad_(False)
+            spp.eval()
+        return spp
+
+
+def _check_adapter_state(
+    layers: dict[str, SPPLinear] | dict[str, tuple[int, int]],
+    state: dict[str, torch.Tensor],
+    *,
+    where: str,
+    r: int | None = None,
+) -> None:
+    """Check `state` against layers (name -> SPPLinear or (m, n)); first mismatch raises."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where}: value of {key!r} is {type(value).__name__}, not a tensor")
+    for name, layer in layers.items():
+        m, n = (layer.out_features, layer.in_features) if isinstance(layer, nn.Module) else layer
+        alpha, beta = state.get(f"{name}.alpha"), state.get(f"{name}.beta")
+        if alpha is None or beta is None:
+            raise ValueError(
+                f"base model layer {name} (in_features={n}, out_features={m}) has no adapter "
+                f"weights in {where}; the adapter was trained for a different model"
+            )
+        want_r = layer.r if isinstance(layer, nn.Module) else (r or alpha.shape[0])
+        if alpha.shape != (want_r, n) or beta.shape != (m,):
+            raise ValueError(
+                f"layer {name}: {where} has alpha {tuple(alpha.shape)} and beta "
+                f"{tuple(beta.shape)}, but the base model's layer (out_features={m}, "
+                f"in_features={n}) with r={want_r} needs alpha ({want_r}, {n}) and beta ({m},)"
+            )
+    expected = {f"{name}.{part}" for name in layers for part in ("alpha", "beta")}
+    extra = sorted({k.rsplit(".", 1)[0] for k in state if k not in expected}, key=_natural)
+    if extra:
+        raise ValueError(
+            f"{where} has weights for layer {extra[0]}, which is not a targeted nn.Linear of "
+            f"the base model ({len(extra)} such layers); the adapter was trained for a "
+            "different model"
+        )
+
+
+def _natural(name: str) -> list:
+    # "layers.2" before "layers.10".
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def read_adapter(adapter_directory: str | os.PathLike) -> tuple[SPPConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter directory written by SPPModel.save_pretrained."""
+    from safetensors import safe_open
+
+    directory = Path(adapter_directory)
+    weights = directory / ADAPTER_WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"SPPModel.from_pretrained: {weights} not found")
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    config_path = directory / ADAPTER_CONFIG_NAME
+    file_json = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
+    meta_json = metadata.get("spp_config")
+    if meta_json is None and file_json is None:
+        raise FileNotFoundError(
+            f"SPPModel.from_pretrained: no {ADAPTER_CONFIG_NAME} in {directory} and no config "
+            f"in {ADAPTER_WEIGHTS_NAME}'s metadata"
+        )
+    config = SPPConfig.from_json(meta_json if meta_json is not None else file_json)
+    if meta_json is not None and file_json is not None and not _same_config(file_json, config):
+        warnings.warn(
+            f"{config_path} differs from the config stored with the weights (an interrupted "
+            "save?); using the weights file's config",
+            stacklevel=3,
+        )
+    return config, state
+
+
+def _same_config(text: str, config: SPPConfig) -> bool:
+    try:
+        return SPPConfig.from_json(text) == config
+    except (ValueError, TypeError):  # json.JSONDecodeError is a ValueError
+        return False
+
+
+def get_spp_model(model: nn.Module, config: SPPConfig | None = None) -> SPPModel:
+    """Replace `config`'s target nn.Linear layers of `model` by SPPLinear; freeze the rest.
+
+    The model is modified in place and wrapped. Trainable parameters: alpha (r, n) and
+    beta (m,) of every targeted layer, sum of r*n + m. Raises ValueError if the model
+    already has SPP adapters or nothing matches target_modules (before any change).
+    """
+    return SPPModel(model, SPPConfig() if config is None else config)
