@@ -5,20 +5,30 @@
     merged weight = W * (1 + scale * alpha[g(o), i] * beta[o])   (zeros of W stay zero)
 
 Shapes: weight (m, n) = (out_features, in_features), frozen; alpha (r, n); beta (m,).
+
+The frozen weight is held either dense (a frozen Parameter `weight`, the default) or, for
+an N:M sparse weight, packed (`weight_format == "nm"`: buffers `weight_values` and
+`weight_meta` in the format of spp_kernels.nm, `weight` is None); see `from_linear`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
 
+from .nm import is_nm, nm_packed_nbytes, nm_pattern
 from .ops import spp_linear
+from .packed import PackedWeight, spp_linear_packed
 from .torch_backend import effective_weight
 from .validation import check_backend
 
 INITS = ("paper", "both_random", "alpha_zero")
+WEIGHT_FORMATS = ("dense", "nm", "auto")
+
+logger = logging.getLogger(__name__)
 
 
 def _uniform_fan_in(t: torch.Tensor, fan_in: int) -> None:
@@ -39,7 +49,14 @@ class SPPLinear(nn.Module):
             the pruned one), "both_random" (beta ~ U(-1/sqrt(m), 1/sqrt(m)) too) or
             "alpha_zero" (alpha = 0, beta random), the inits of the paper's ablation.
         backend: "auto", "triton" or "torch" (see `spp_kernels.spp_linear`).
+
+    Attributes:
+        weight_format: "dense" (frozen Parameter `weight`) or "nm" (packed buffers
+            `weight_values`, `weight_meta`; `weight` is None).  nm: (N, M) when packed.
     """
+
+    weight_format: str = "dense"
+    nm: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -111,11 +128,30 @@ class SPPLinear(nn.Module):
         init: str = "paper",
         backend: str = "auto",
         adapter_dtype: torch.dtype | None = None,
+        weight_format: str = "dense",
+        nm: tuple[int, int] | None = None,
     ) -> SPPLinear:
-        """Wrap a (pruned) nn.Linear: its weight and bias are shared, frozen, not copied."""
+        """Wrap a (pruned) nn.Linear; its weight and bias are frozen.
+
+        weight_format:
+            "dense": the linear's weight and bias are shared, not copied.
+            "nm": the weight is stored packed (spp_kernels.nm) with the N:M pattern `nm`,
+                or the sparsest one it satisfies (`nm_pattern`) when `nm` is None;
+                ValueError if it is not N:M sparse. The layer does not keep the dense weight.
+            "auto": as "nm" when the weight satisfies `nm` (or some N:M pattern) and packing
+                saves bytes, as "dense" otherwise. The choice is in `layer.weight_format`
+                and logged at INFO level.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SPPLinear.from_linear expects nn.Linear, got {type(linear).__name__}")
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(
+                f"SPPLinear.from_linear: weight_format must be one of {WEIGHT_FORMATS}, "
+                f"got {weight_format!r}"
+            )
         w = linear.weight
+        pattern = _packing_pattern(w.data, weight_format, nm)
+        packed = None if pattern is None else PackedWeight.from_dense(w.data, *pattern)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -129,7 +165,24 @@ class SPPLinear(nn.Module):
             dtype=w.dtype,
             adapter_dtype=adapter_dtype,
         )
-        layer.weight = nn.Parameter(w.data, requires_grad=False)
+        if packed is None:
+            layer.weight = nn.Parameter(w.data, requires_grad=False)
+        else:
+            layer.weight = None
+            layer.register_buffer("weight_values", packed.values)
+            layer.register_buffer("weight_meta", packed.meta)
+            layer.weight_format, layer.nm = "nm", pattern
+        if weight_format != "dense":
+            logger.info(
+                "SPPLinear.from_linear: %s frozen (%d, %d) %s weight%s",
+                "packed" if packed else "kept dense the",
+                *w.shape,
+                w.dtype,
+                f" as {pattern[0]}:{pattern[1]}, {packed.nbytes / (w.numel() * w.element_size()):.1%}"
+                " of its dense bytes"
+                if packed
+                else " (not N:M sparse, or packing saves no bytes)",
+            )
         layer.bias = (
             None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
         )
@@ -141,7 +194,31 @@ class SPPLinear(nn.Module):
         layer.reset_adapter(init)
         return layer
 
+    def packed_weight(self) -> PackedWeight:
+        """The frozen weight as a PackedWeight (views of the buffers); only when packed."""
+        if self.nm is None:
+            raise ValueError("SPPLinear.packed_weight: this layer's weight is dense")
+        return PackedWeight(
+            self.weight_values, self.weight_meta, self.nm[0], self.nm[1], self.in_features
+        )
+
+    def dense_weight(self) -> torch.Tensor:
+        """The frozen weight W (m, n): the Parameter itself, or decompressed (a new tensor)."""
+        return self.weight if self.nm is None else self.packed_weight().dense()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nm is not None:
+            return spp_linear_packed(
+                x,
+                self.packed_weight(),
+                self.alpha,
+                self.beta,
+                self.bias,
+                scale=self.scale,
+                dropout_p=self.dropout,
+                training=self.training,
+                backend=self.backend,
+            )
         return spp_linear(
             x,
             self.weight,
@@ -155,19 +232,29 @@ class SPPLinear(nn.Module):
         )
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
+    def merged_weight(self, packed: bool = False) -> torch.Tensor | PackedWeight:
         """W + scale * W' = W * (1 + scale * alpha[g] * beta), (m, n) in weight's dtype.
 
         Computed in float32 (float64 for float64 weights); every zero of W is kept bitwise.
+        packed=True returns it as a PackedWeight with the layer's N:M pattern (for a dense
+        layer, the sparsest pattern its weight satisfies; ValueError if none).
         """
-        return effective_weight(self.weight, self.alpha, self.beta, self.scale).to(
-            self.weight.dtype
-        )
+        w = self.dense_weight()
+        merged = effective_weight(w, self.alpha, self.beta, self.scale).to(w.dtype)
+        if not packed:
+            return merged
+        pattern = self.nm or nm_pattern(w)
+        if pattern is None:
+            raise ValueError(
+                "SPPLinear.merged_weight(packed=True): the weight is not N:M sparse for any M "
+                "in (4, 8)"
+            )
+        return PackedWeight.from_dense(merged, *pattern)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """A plain nn.Linear holding the merged weight (same zero pattern, bitwise)."""
-        w = self.weight
+        """A plain nn.Linear holding the dense merged weight (same zero pattern, bitwise)."""
+        w = self.dense_weight()
         linear = nn.Linear(
             self.in_features,
             self.out_features,
@@ -175,13 +262,19 @@ class SPPLinear(nn.Module):
             device="meta",
             dtype=w.dtype,
         )
-        linear.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
+        linear.weight = nn.Parameter(
+            effective_weight(w, self.alpha, self.beta, self.scale).to(w.dtype),
+            requires_grad=False,
+        )
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return linear
 
     def sparsity(self) -> float:
         """Fraction of exact zeros in the frozen weight."""
+        if self.nm is not None:
+            nonzeros = int(torch.count_nonzero(self.weight_values))
+            return 1.0 - nonzeros / (self.out_features * self.in_features)
         return float((self.weight == 0).sum()) / self.weight.numel()
 
     def extra_repr(self) -> str:
@@ -189,4 +282,32 @@ class SPPLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, r={self.r}, scale={self.scale}, "
             f"dropout={self.dropout}, sparsity={self.sparsity():.3f}"
+            + ("" if self.nm is None else f", weight_format=nm({self.nm[0]}:{self.nm[1]})")
         )
+
+
+def _packing_pattern(
+    weight: torch.Tensor, weight_format: str, nm: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """The (N, M) to pack `weight` with for `weight_format`, or None to keep it dense."""
+    if nm is not None and (
+        not isinstance(nm, tuple) or len(nm) != 2 or not all(isinstance(v, int) for v in nm)
+    ):
+        raise ValueError(f"SPPLinear.from_linear: nm must be a tuple (N, M) of ints, got {nm!r}")
+    if weight_format == "dense":
+        return None
+    if weight_format == "nm":
+        pattern = nm or nm_pattern(weight)
+        if pattern is None:
+            raise ValueError(
+                f"SPPLinear.from_linear: weight_format='nm' but the {tuple(weight.shape)} weight "
+                "is not N:M sparse for any M in (4, 8) dividing in_features; prune it first or "
+                "use weight_format='auto'"
+            )
+        return pattern  # nm_compress names the first offending group if `nm` does not hold
+    pattern = nm if nm is not None and is_nm(weight, *nm) else None
+    pattern = pattern or (nm_pattern(weight) if nm is None else None)
+    if pattern is None:
+        return None
+    packed_bytes = nm_packed_nbytes(*weight.shape, *pattern, weight.dtype)
+    return pattern if packed_bytes < weight.numel() * weight.element_size() else None
