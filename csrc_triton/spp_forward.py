@@ -1,0 +1,216 @@
+"""SPP forward: Y in one pass over the frozen weight W.
+
+Math
+----
+Inputs X (T, n) (any strides), W (m, n), alpha (r, n), beta (m,), bias (m,), scale s,
+dropout rate p with keep(t, i) = tl.rand(seed, t * n + i) >= p, g(o) = floor(o * r / m):
+
+    Y[t, o] = sum_i X[t, i] W[o, i]
+            + s * beta[o] / (1 - p) * sum_i keep(t, i) X[t, i] W[o, i] alpha[g(o), i]
+            + bias[o]
+
+When p == 0 both sums share X and collapse into one product with the merged weight
+
+    Y = X W_eff^T + bias,   W_eff[o, i] = W[o, i] * (1 + s * alpha[g(o), i] * beta[o]).
+
+Tiling
+------
+Program (pid_t, pid_o) owns the output tile Y[t0:t0+BLOCK_T, o0:o0+BLOCK_M] and walks the
+reduction dimension i in steps of BLOCK_K. At each step it loads the X tile and the W tile
+once and gathers alpha[g(o), i] for the tile's rows (g computed in registers). Then:
+
+* p == 0: W_eff tile = W * (1 + s*beta*alpha[g]) in float32 registers, rounded to the
+  input dtype, one tl.dot:  acc += X_tile @ W_eff_tile^T.
+* p > 0:  acc += X_tile @ W_tile^T and acc_ad += (keep * X_tile) @ (W * alpha[g])_tile^T,
+  the same W tile feeding both products; the mask is regenerated from (seed, t, i).
+
+Epilogue: Y = acc (+ s/(1-p) * beta[o] * acc_ad) + bias[o], accumulators in float32, one
+store in X's dtype. Programs are launched in grouped order so a W panel is reused from L2.
+
+Never written to memory: Repeat(alpha), W', W_eff, W * alpha, X * alpha (for any of the
+r blocks), the dropout mask or Dropout(X). The only global writes are Y's elements.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import autotune, check_dropout, check_operands, check_out, dot_flags, tokens_bucket
+from ._tiles import (
+    alpha_rows_tile,
+    alpha_scaled_tile,
+    effective_tile,
+    grouped_tile,
+    keep_tile,
+    mma,
+    row_groups,
+    weight_tile,
+)
+
+
+def _config(bt: int, bm: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_T": bt, "BLOCK_M": bm, "BLOCK_K": bk, "GROUP_T": group},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+FORWARD_CONFIGS = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 128, 32, 4, 4),
+    _config(128, 256, 64, 8, 3),
+    _config(64, 128, 64, 4, 4),
+    _config(128, 64, 64, 4, 4),
+]
+# Small tiles under the interpreter: tests then cross many tile and group boundaries.
+FORWARD_INTERPRETER_CONFIG = _config(16, 16, 16, 4, 1, group=2)
+
+
+@autotune(
+    FORWARD_CONFIGS,
+    FORWARD_INTERPRETER_CONFIG,
+    key=["tokens_bucket", "m", "n", "r", "DROPOUT"],
+    dot_blocks=("BLOCK_T", "BLOCK_M", "BLOCK_K"),
+)
+@triton.jit
+def _spp_forward_kernel(
+    x_ptr,
+    w_ptr,
+    alpha_ptr,
+    beta_ptr,
+    bias_ptr,
+    y_ptr,
+    tokens,
+    m,
+    n,
+    r,
+    stride_xt,
+    stride_xn,
+    stride_wm,
+    stride_wn,
+    stride_ar,
+    stride_an,
+    stride_beta,
+    stride_bias,
+    stride_yt,
+    stride_ym,
+    scale,
+    keep_scale,
+    dropout_p,
+    seed,
+    tokens_bucket,  # autotuning key only
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_T: tl.constexpr,
+):
+    pid_t, pid_m = grouped_tile(tl.program_id(0), tokens, m, BLOCK_T, BLOCK_M, GROUP_T)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_ok = offs_t < tokens
+    m_ok = offs_m < m
+    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt
+    groups = row_groups(offs_m, r, m)
+    beta = tl.load(beta_ptr + offs_m * stride_beta, mask=m_ok, other=0.0).to(tl.float32)
+    row_scale = scale * beta
+
+    acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+    acc_ad = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, n, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_ok = cols < n
+        x = tl.load(
+            x_rows + cols[None, :] * stride_xn, mask=t_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        w_mask = m_ok[:, None] & k_ok[None, :]
+        w = weight_tile(w_ptr, offs_m, cols, w_mask, stride_wm, stride_wn)
+        alpha_g = alpha_rows_tile(alpha_ptr, groups, cols, w_mask, stride_ar, stride_an)
+        if DROPOUT:
+            acc = mma(x, tl.trans(w), acc, UPCAST, PRECISION)
+            keep = keep_tile(seed, offs_t, cols, n, dropout_p)
+            x_kept = tl.where(keep, x, tl.zeros_like(x))
+            w_alpha = alpha_scaled_tile(w, alpha_g)
+            acc_ad = mma(x_kept, tl.trans(w_alpha), acc_ad, UPCAST, PRECISION)
+        else:
+            w_eff = effective_tile(w, alpha_g, row_scale)
+            acc = mma(x, tl.trans(w_eff), acc, UPCAST, PRECISION)
+
+    if DROPOUT:
+        acc += acc_ad * (row_scale * keep_scale)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_m * stride_bias, mask=m_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * stride_yt + offs_m[None, :] * stride_ym
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & m_ok[None, :])
+
+
+def spp_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Y (tokens, m) in x's dtype for x (tokens, n) with any strides, weight (m, n),
+    alpha (r, n), beta (m,), bias (m,) or None; see the module docstring for the math.
+
+    `out` (tokens, m), x's dtype, any strides: written instead of a new tensor.
+    """
+    check_operands(weight, alpha, beta, x=x, bias=bias)
+    check_dropout(dropout_p)
+    tokens, n = x.shape
+    m, r = weight.shape[0], alpha.shape[0]
+    if out is None:
+        out = torch.empty((tokens, m), dtype=x.dtype, device=x.device)
+    else:
+        check_out(out, (tokens, m), x, "out")
+    if tokens == 0 or m == 0:
+        return out
+    upcast, precision = dot_flags(x.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(tokens, meta["BLOCK_T"]) * triton.cdiv(m, meta["BLOCK_M"]),)
+
+    _spp_forward_kernel[grid](
+        x,
+        weight,
+        alpha,
+        beta,
+        bias if bias is not None else beta,  # never read when HAS_BIAS is False
+        out,
+        tokens,
+        m,
+        n,
+        r,
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        alpha.stride(0),
+        alpha.stride(1),
+        beta.stride(0),
+        bias.stride(0) if bias is not None else 0,
+        out.stride(0),
+        out.stride(1),
+        float(scale),
+        1.0 / (1.0 - dropout_p),
+        float(dropout_p),
+        int(seed),
+        tokens_bucket(tokens),
+        HAS_BIAS=bias is not None,
+        DROPOUT=dropout_p > 0.0,
+        UPCAST=upcast,
+        PRECISION=precision,
+    )
+    return out
