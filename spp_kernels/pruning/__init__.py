@@ -1,0 +1,18 @@
+"""Post-training pruning of LLaMA-family decoders: magnitude, Wanda, SparseGPT."""
+
+from .calibration import find_decoder_layers
+from .masks import nm_mask, parse_sparsity, unstructured_mask
+from .report import LayerSparsity, SparsityReport, sparsity_report
+from .sequential import METHODS, prune
+
+__all__ = [
+    "METHODS",
+    "LayerSparsity",
+    "SparsityReport",
+    "find_decoder_layers",
+    "nm_mask",
+    "parse_sparsity",
+    "prune",
+    "sparsity_report",
+    "unstructured_mask",
+]

@@ -1,0 +1,171 @@
+"""prune(): magnitude, Wanda or SparseGPT over a model's decoder blocks, one block at a time.
+
+Order of work (as in the Wanda and SparseGPT reference code):
+1. validate everything (method, sparsity, decoder blocks, every target's shape against
+   N:M, calibration ids) before any weight is touched;
+2. calibration methods: capture the hidden states entering block 0 and every block's
+   call kwargs (see calibration.py);
+3. per block: run the dense block on its inputs while hooks accumulate each linear
+   layer's input statistics (Wanda: per-channel squared norms; SparseGPT: Hessian),
+   compute every pruned weight of the block in float32, commit them together, then run
+   the pruned block to produce the next block's inputs.
+A block is either fully pruned or untouched. If a later block fails (e.g. out of memory),
+the error says which blocks were already pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import (
+    calibration_samples,
+    capture_block_inputs,
+    find_decoder_layers,
+    linear_targets,
+    run_block,
+)
+from .magnitude import magnitude_prune_weight
+from .masks import Sparsity, parse_sparsity, sparsity_name
+from .report import SparsityReport, sparsity_report
+from .sparsegpt import BLOCKSIZE, HessianAccumulator, sparsegpt_prune_weight
+from .wanda import InputNorms, wanda_prune_weight
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def _validate_targets(
+    layers: nn.ModuleList, sparsity: Sparsity, method: str
+) -> list[dict[str, nn.Linear]]:
+    if method == "sparsegpt" and isinstance(sparsity, tuple) and BLOCKSIZE % sparsity[1]:
+        raise ValueError(
+            f"SparseGPT {sparsity_name(sparsity)} needs M={sparsity[1]} to divide its "
+            f"blocksize {BLOCKSIZE}"
+        )
+    targets = [linear_targets(block) for block in layers]
+    for i, block_targets in enumerate(targets):
+        if not block_targets:
+            raise ValueError(f"decoder layer {i} has no nn.Linear layers to prune")
+        for name, linear in block_targets.items():
+            if not linear.weight.is_floating_point():
+                raise TypeError(
+                    f"layer {i}.{name}: cannot prune a {linear.weight.dtype} weight "
+                    "(quantized weights are not supported; load the model in bf16/fp16/fp32)"
+                )
+            if linear.weight.device.type == "meta":
+                raise ValueError(f"layer {i}.{name}: weight is on the meta device")
+            if isinstance(sparsity, tuple) and linear.in_features % sparsity[1]:
+                raise ValueError(
+                    f"{sparsity_name(sparsity)} sparsity needs M={sparsity[1]} to divide the "
+                    f"input dimension, but layer {i}.{name} has in_features="
+                    f"{linear.in_features}"
+                )
+    return targets
+
+
+def _stats_factory(method: str) -> Callable[[nn.Linear], InputNorms | HessianAccumulator]:
+    if method == "wanda":
+        return lambda lin: InputNorms(lin.in_features, lin.weight.device)
+    return lambda lin: HessianAccumulator(lin.in_features, lin.weight.device)
+
+
+def _pruned_weight(method: str, linear: nn.Linear, stats, sparsity: Sparsity) -> torch.Tensor:
+    if method == "magnitude":
+        return magnitude_prune_weight(linear.weight, sparsity)
+    if method == "wanda":
+        return wanda_prune_weight(linear.weight, stats.sq_norms, sparsity)
+    return sparsegpt_prune_weight(linear.weight, stats.hessian, sparsity)
+
+
+def _collect_stats(method, block, targets, inputs, index) -> dict:
+    """Run the dense block on every sample, accumulating its linear layers' input stats."""
+    factory = _stats_factory(method)
+    stats = {name: factory(linear) for name, linear in targets.items()}
+    handles = [
+        linear.register_forward_hook(lambda mod, args, out, s=stats[name]: s.add(args[0]))
+        for name, linear in targets.items()
+    ]
+    try:
+        for h in inputs.hidden:
+            run_block(block, h, inputs.extra_args[index], inputs.kwargs[index])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    method: str,
+    sparsity: float | str | tuple[int, int],
+    calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    nsamples: int = 128,
+    seqlen: int | None = None,
+    progress: bool = True,
+) -> SparsityReport:
+    """Prune the nn.Linear layers inside a causal LM's decoder blocks, in place.
+
+    Args:
+        model: a Hugging Face causal LM (LlamaForCausalLM, MistralForCausalLM,
+            Qwen2ForCausalLM, or any model whose decoder blocks `find_decoder_layers`
+            finds). Embeddings and lm_head are never pruned.
+        method: "magnitude" (|W|), "wanda" (|W| * ||X_i||_2) or "sparsegpt" (OBS updates).
+        sparsity: a fraction in (0, 1) (every output row keeps round((1 - s) * n) weights)
+            or "N:M" (N kept in every M consecutive inputs), e.g. 0.5 or "2:4".
+        calibration: token ids for "wanda" and "sparsegpt" (ignored by "magnitude"): a
+            LongTensor (rows, length), a 1-D token stream, or an iterable of them.
+        nsamples: calibration samples used (the first nsamples rows).
+        seqlen: tokens per sample (None: the calibration rows' length).
+        progress: show a tqdm bar over decoder layers.
+
+    Returns the `sparsity_report` of the pruned model.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    target = parse_sparsity(sparsity)
+    _, layers = find_decoder_layers(model)
+    targets = _validate_targets(layers, target, method)
+    calibrated = method != "magnitude"
+    samples = calibration_samples(calibration, nsamples, seqlen, model) if calibrated else None
+
+    was_training = model.training
+    model.eval()
+    done = 0
+    bar = tqdm(
+        total=len(layers),
+        desc=f"{method} {sparsity_name(target)}",
+        unit="layer",
+        disable=not progress,
+    )
+    try:
+        inputs = capture_block_inputs(model, layers, samples) if calibrated else None
+        for i, block in enumerate(layers):
+            stats = _collect_stats(method, block, targets[i], inputs, i) if calibrated else {}
+            new = {
+                name: _pruned_weight(method, linear, stats.get(name), target)
+                for name, linear in targets[i].items()
+            }
+            for name, linear in targets[i].items():
+                linear.weight.copy_(new[name])
+            done = i + 1
+            del new, stats
+            if calibrated and i + 1 < len(layers):
+                for j, h in enumerate(inputs.hidden):
+                    inputs.hidden[j] = run_block(block, h, inputs.extra_args[i], inputs.kwargs[i])
+            bar.update(1)
+    except BaseException as exc:
+        if done:
+            raise RuntimeError(
+                f"pruning stopped in decoder layer {done} of {len(layers)} ({exc!r}); "
+                f"layers 0..{done - 1} are already pruned, the rest are not: reload the "
+                "model before retrying"
+            ) from exc
+        raise
+    finally:
+        bar.close()
+        model.train(was_training)
+    return sparsity_report(model)
