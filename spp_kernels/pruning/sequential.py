@@ -69,7 +69,12 @@ def _validate_targets(
 def _stats_factory(method: str) -> Callable[[nn.Linear], InputNorms | HessianAccumulator]:
     if method == "wanda":
         return lambda lin: InputNorms(lin.in_features, lin.weight.device)
-    return lambda lin: HessianAccumulator(lin.in_features, lin.weight.device)
+    # float32 statistics whatever the model dtype; float64 models keep float64
+    return lambda lin: HessianAccumulator(
+        lin.in_features,
+        lin.weight.device,
+        torch.float64 if lin.weight.dtype == torch.float64 else torch.float32,
+    )
 
 
 def _pruned_weight(method: str, linear: nn.Linear, stats, sparsity: Sparsity) -> torch.Tensor:
