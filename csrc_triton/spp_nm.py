@@ -115,18 +115,17 @@ def _spp_nm_forward_kernel(
         if DROPOUT:
             acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
             keep = tl.rand(seed, offs_t64[:, None] * n + offs_k[None, :]) >= dropout_p
-            x_drop = tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - dropout_p)), 0.0)
+            x_kept = tl.where(keep, x, tl.zeros_like(x))
             w_alpha = (w.to(tl.float32) * alpha).to(w.dtype)
-            acc_adapter = _dot(
-                x_drop.to(x.dtype), tl.trans(w_alpha), acc_adapter, PRECISION, UPCAST
-            )
+            acc_adapter = _dot(x_kept, tl.trans(w_alpha), acc_adapter, PRECISION, UPCAST)
         else:
             factor = alpha * beta_scaled[:, None] + 1.0
             w32 = w.to(tl.float32)
             w_eff = tl.where(w32 == 0.0, w32, w32 * factor).to(w.dtype)
             acc = _dot(x, tl.trans(w_eff), acc, PRECISION, UPCAST)
     if DROPOUT:
-        acc = acc + acc_adapter * beta_scaled[None, :]
+        # 1 / (1 - p) of Dropout(X) is applied once here, in fp32, not to every X element.
+        acc = acc + acc_adapter * (beta_scaled * (1.0 / (1.0 - dropout_p)))[None, :]
     if HAS_BIAS:
         # Added in fp32 (one rounding); the Triton 3.6 interpreter also mis-adds bfloat16.
         acc = acc + tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
@@ -267,7 +266,7 @@ def _spp_nm_dalpha_dbeta_kernel(
         )
         if DROPOUT:
             keep = tl.rand(seed, offs_t64[:, None] * n + offs_n[None, :]) >= dropout_p
-            x = tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - dropout_p)), 0.0).to(dy.dtype)
+            x = tl.where(keep, x, tl.zeros_like(x))
         g_tile = _dot(tl.trans(dy), x, g_tile, PRECISION, UPCAST)
     w_mask = m_ok[:, None] & n_ok[None, :]
     w = nm_dense_tile(
@@ -278,6 +277,8 @@ def _spp_nm_dalpha_dbeta_kernel(
         alpha_ptr + groups[:, None] * stride_alpha + offs_n[None, :], mask=w_mask, other=0.0
     ).to(tl.float32)
     beta = tl.load(beta_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+    if DROPOUT:
+        g_tile = g_tile * (1.0 / (1.0 - dropout_p))
     p = g_tile * w.to(tl.float32) * scale
     tl.atomic_add(dbeta_ptr + offs_m, tl.sum(p * alpha, axis=1), mask=m_ok)
     p_beta = p * beta[:, None]
