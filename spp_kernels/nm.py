@@ -29,6 +29,7 @@ over rows or groups.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -103,10 +104,15 @@ def nm_packed_nbytes(
 
 
 def nm_group_counts(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """Nonzeros (by value; NaN counts) per group of m columns: int64 (rows, cols // m)."""
+    """Nonzeros (by value; NaN counts) per group of m columns: int32 (rows, cols // m)."""
     _check_weight(weight, m)
     rows, cols = weight.shape
-    return (weight != 0).reshape(rows, cols // m, m).sum(dim=-1)
+    nonzero = (weight != 0).reshape(rows, cols // m, m)
+    # m strided passes; a sum over a last dimension of 4 or 8 is several times slower.
+    counts = nonzero[..., 0].to(torch.int32)
+    for j in range(1, m):
+        counts += nonzero[..., j]
+    return counts
 
 
 def check_nm(weight: torch.Tensor, n: int, m: int, name: str = "") -> None:
@@ -155,16 +161,36 @@ def nm_pattern(weight: torch.Tensor) -> tuple[int, int] | None:
     return best
 
 
-def _kept_positions(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """int64 (rows, cols // m, n): the kept positions of each group, ascending."""
-    rows, cols = weight.shape
-    groups = weight.reshape(rows, cols // m, m)
-    bits = groups.view(_BITS_VIEW[weight.element_size()])
-    # Priority 2: nonzero value; 1: signed zero (kept so -0.0 survives when there is room);
-    # 0: padding. A stable sort keeps lower positions first within one priority.
-    priority = (groups != 0).to(torch.int8) * 2 + (bits != 0).to(torch.int8)
+@functools.lru_cache(maxsize=32)
+def _selection_table(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept positions (4**m, n) and group codes (4**m,) for every group "priority key".
+
+    An entry's priority is 3 for a nonzero value, 1 for a signed zero (-0.0: zero value,
+    nonzero bits; kept so it survives when there is room), 0 for +0.0; a group's key packs
+    its m priorities, 2 bits each. The kept positions are the n highest priorities, the
+    lower position first on a tie, listed ascending. Looking the selection up per group
+    (rather than sorting every group) keeps nm_compress a few elementwise passes.
+    """
+    keys = torch.arange(4**m, dtype=torch.int64)
+    priority = (keys[:, None] >> (2 * torch.arange(m))) & 3
     order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
-    return order[..., :n].sort(dim=-1).values
+    pos = order[:, :n].sort(dim=-1).values
+    codes = (pos << (torch.arange(n) * _bits_per_position(m))).sum(dim=-1)
+    return pos.to(device), codes.to(device)
+
+
+def _group_keys(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """int32 (rows, cols // m): each group's priority key (see _selection_table)."""
+    rows, cols = weight.shape
+    bits = weight.reshape(rows, cols // m, m).view(_BITS_VIEW[weight.element_size()])
+    sign_bit = torch.iinfo(bits.dtype).min
+    # bits != 0: any nonzero pattern (+1); bits without the sign bit != 0: nonzero value (+2).
+    priority = (bits != 0).to(torch.uint8) + ((bits & ~sign_bit) != 0).to(torch.uint8) * 2
+    # m strided passes; a sum over a last dimension of 4 or 8 is several times slower.
+    key = priority[..., 0].to(torch.int32)
+    for j in range(1, m):
+        key += priority[..., j].to(torch.int32) << (2 * j)
+    return key
 
 
 def nm_compress(
@@ -185,13 +211,14 @@ def nm_compress(
     weight = weight.detach().contiguous()
     rows, cols = weight.shape
     k_groups = cols // m
-    pos = _kept_positions(weight, n, m)
+    table_pos, table_codes = _selection_table(n, m, weight.device)
+    keys = _group_keys(weight, m)
+    pos = table_pos[keys]  # (rows, k_groups, n)
     values = weight.reshape(rows, k_groups, m).gather(-1, pos).reshape(rows, k_groups * n)
 
     b = _bits_per_position(m)
     g = _groups_per_word(n, m)
-    shifts = torch.arange(n, device=weight.device, dtype=torch.int64) * b
-    codes = (pos << shifts).sum(dim=-1)  # (rows, k_groups); bit fields never overlap
+    codes = table_codes[keys]  # (rows, k_groups), n * b bits each
     words = -(-k_groups // g)
     codes = torch.nn.functional.pad(codes, (0, words * g - k_groups))
     word_shifts = torch.arange(g, device=weight.device, dtype=torch.int64) * (n * b)

@@ -50,6 +50,7 @@ __all__ = [
     "load_compressed",
     "resolve_backend",
     "save_compressed",
+    "semi_structured_weight",
     "to_semi_structured",
 ]
 
@@ -151,6 +152,30 @@ def _force_cutlass(value: bool) -> Iterator[None]:
 
 
 # ---- conversion to SparseSemiStructuredTensor -------------------------------------------
+
+
+def semi_structured_weight(weight: torch.Tensor, backend: str) -> torch.Tensor:
+    """``weight`` (m, n), 2:4, on a CUDA device, as a SparseSemiStructuredTensor of ``backend``.
+
+    backend: "cusparselt" or "cutlass" (resolve "auto" with ``resolve_backend`` first). The
+    class flag ``_FORCE_CUTLASS`` is set for the call and restored afterwards; the result's
+    class is checked, so a PyTorch that ignored the flag would fail loudly rather than
+    silently use the other backend.
+    """
+    if backend not in ("cusparselt", "cutlass"):
+        raise ValueError(
+            f"semi_structured_weight: backend must be 'cusparselt' or 'cutlass', got {backend!r}"
+        )
+    with _force_cutlass(backend == "cutlass"), torch.no_grad():
+        sparse = torch.sparse.to_sparse_semi_structured(weight.detach().contiguous())
+    expected = _backend_class(backend)
+    if isinstance(sparse, torch.sparse.SparseSemiStructuredTensor) and not isinstance(
+        sparse, expected
+    ):
+        raise RuntimeError(
+            f"semi_structured_weight: asked for {backend}, PyTorch returned {type(sparse).__name__}"
+        )
+    return sparse
 
 
 @dataclasses.dataclass
@@ -309,8 +334,7 @@ def to_semi_structured(
             report.skipped[name] = reason
             continue
         try:
-            with _force_cutlass(chosen == "cutlass"), torch.no_grad():
-                sparse = torch.sparse.to_sparse_semi_structured(linear.weight.detach().contiguous())
+            sparse = semi_structured_weight(linear.weight, chosen)
         except (RuntimeError, NotImplementedError) as err:  # e.g. a cuSPARSELt/arch mismatch
             report.skipped[name] = f"{chosen} conversion failed: {err}"
             continue
