@@ -1,0 +1,238 @@
+"""The benchmark suite: quick mode end to end on CPU, and the pieces its numbers rest on."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import __main__ as runner
+from benchmarks import bench_linear, bench_model, common, roofline, summary
+
+
+@pytest.fixture
+def keep_threads():
+    """The runner sets torch's thread count in quick mode; give it back to the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    common.set_deadline(None)
+
+
+def test_quick_mode_end_to_end(tmp_path, keep_threads):
+    rc = runner.main(["--quick", "--out", str(tmp_path), "--only", "linear,model"])
+    assert rc == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    stem = [f for f in files if f.endswith(".json") and f != "summary.json"][0][: -len(".json")]
+    assert stem.startswith("cpu-quick-")
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    meta = data["meta"]
+    assert meta["quick"] is True and meta["device_type"] == "cpu"
+    assert meta["label"].startswith("CPU quick mode")
+    assert any("triton: not measured on CPU" in n["note"] for n in data["notes"])
+    assert data["errors"] == []
+
+    rows = data["rows"]
+    for row in rows:
+        assert set(common.ROW_KEYS) | set(runner.ROW_META) <= set(row)
+        assert row["unit"] == common.METRIC_UNITS[row["metric"]]
+        assert 0 <= row["p20"] <= row["median"] <= row["p80"]
+        assert row["median"] > 0
+    linear = [r for r in rows if r["kernel"] == bench_linear.KERNEL]
+    expected = set(bench_linear.PROVIDERS) - {"triton"}
+    assert {r["provider"] for r in linear} == expected
+    n_cases = len(bench_linear.cases(quick=True))
+    assert len(linear) == n_cases * len(expected) * len(common.MODES) * 2
+    model = [r for r in rows if r["kernel"] == bench_model.KERNEL]
+    assert {r["provider"] for r in model} == {"spp-torch", "spp-naive", "lora"}
+    assert all(r["extra"]["tokens_per_s"] > 0 for r in model)
+    assert data["roofline"] and all(e["tflops"] > 0 for e in data["roofline"])
+
+    entries = json.loads((tmp_path / "summary.json").read_text())
+    assert len(entries) == 1
+    entry = entries[0]
+    assert entry["quick"] is True and entry["results_file"] == f"{stem}.json"
+    for name in summary.TARGETS:
+        assert entry[name] is None  # triton is not measured on CPU
+        assert entry["targets"][name]["met"] is None
+        assert entry["torch_backend"][name] > 0
+    report = (tmp_path / f"{stem}.md").read_text()
+    assert "CPU quick mode" in report and "| torch | naive | blocked |" in report
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _row(kernel, provider, metric, median, shape="128x128", tokens=256, mode="full", **extra):
+    m, n = (int(v) for v in shape.split("x"))
+    info = {"shape": shape, "sparsity": "2:4", "m": m, "n": n, "r": 16, "dtype": "bfloat16"}
+    return common.make_row(
+        kernel,
+        provider,
+        mode,
+        metric,
+        "tokens",
+        tokens,
+        common.Stats.single(median),
+        {**info, **extra},
+    )
+
+
+def _reference_rows(times: dict[str, list[float]], memory: dict[str, list[float]]) -> list[dict]:
+    shapes, tokens = summary.reference(quick=True)
+    rows = []
+    for metric, table in (("time", times), ("memory", memory)):
+        for provider, values in table.items():
+            rows += [
+                _row("spp_linear", provider, metric, v, shape=s, tokens=tokens)
+                for s, v in zip(shapes, values)
+            ]
+    return rows
+
+
+def test_summary_ratios_are_geometric_means_of_per_shape_ratios():
+    rows = _reference_rows(
+        times={
+            "triton": [1.0, 2.0, 4.0],
+            "naive": [2.0, 8.0, 4.0],
+            "blocked": [1.2, 2.4, 4.8],
+            "frozen": [0.5, 1.0, 2.0],
+        },
+        memory={"triton": [10.0, 10.0, 10.0], "lora": [10.0, 20.0, 5.0]},
+    )
+    rows += [_row("llama_train_step", "spp-triton", "time", 50.0)]
+    rows += [_row("llama_train_step", "lora", "time", 45.0)]
+    got = summary.ratios(rows, "triton", quick=True)
+    assert got["speedup_vs_naive"] == pytest.approx((2 * 4 * 1) ** (1 / 3))
+    assert got["speedup_vs_blocked"] == pytest.approx(1.2)
+    assert got["slowdown_vs_frozen"] == pytest.approx(2.0)
+    assert got["memory_vs_lora"] == pytest.approx((1 * 0.5 * 2) ** (1 / 3))
+    assert got["tokens_per_s_vs_lora"] == pytest.approx(0.9)
+    status = summary.target_status(got)
+    assert status["speedup_vs_naive"]["met"] is True
+    assert status["speedup_vs_blocked"]["met"] is False
+    assert status["slowdown_vs_frozen"]["met"] is False
+    assert status["memory_vs_lora"]["met"] is True
+    assert status["tokens_per_s_vs_lora"]["met"] is True
+
+
+def test_summary_ratio_is_none_unless_every_reference_shape_was_measured():
+    rows = _reference_rows(times={"triton": [1.0, 2.0, 4.0], "naive": [2.0, 8.0]}, memory={})
+    got = summary.ratios(rows, "triton", quick=True)
+    assert got["speedup_vs_naive"] is None
+    assert got["tokens_per_s_vs_lora"] is None
+
+
+def test_update_summary_keeps_one_entry_per_device_and_mode(tmp_path):
+    path = tmp_path / "summary.json"
+    base = {"device": "GPU A", "quick": False, "date": "d1"}
+    summary.update_summary(path, base)
+    summary.update_summary(path, {**base, "quick": True})
+    entries = summary.update_summary(path, {**base, "date": "d2"})
+    assert [(e["device"], e["quick"], e["date"]) for e in entries] == [
+        ("GPU A", False, "d2"),
+        ("GPU A", True, "d1"),
+    ]
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="JSON list"):
+        summary.update_summary(path, base)
+
+
+def test_running_a_subset_merges_into_the_days_results(tmp_path):
+    meta = common.metadata("cpu", quick=True)
+    linear = [_row("spp_linear", "torch", "time", 1.0)]
+    model = [_row("llama_train_step", "lora", "time", 2.0)]
+    note = [{"bench": "linear", "note": "kept"}]
+    paths = runner.write_results(tmp_path, meta, ["linear"], linear, note, [], plot=False)
+    for row in model:
+        row["bench"] = "model"
+    runner.write_results(tmp_path, meta, ["model"], model, [], [], plot=False)
+    data = json.loads(paths["json"].read_text())
+    assert [r["kernel"] for r in data["rows"]] == ["spp_linear", "llama_train_step"]
+    assert data["notes"] == note
+    assert all(r["device"] == meta["device"] for r in data["rows"])
+
+
+def test_cpu_peak_memory_counts_bytes_allocated_inside_the_call():
+    resident = torch.empty(3 * common.MIB, dtype=torch.uint8)
+    kept = []
+
+    def fn():
+        tmp = torch.empty(2 * common.MIB, dtype=torch.uint8)
+        del tmp
+        kept.append(torch.empty(common.MIB, dtype=torch.uint8))
+
+    assert common.measure_peak_memory(fn, "cpu") == pytest.approx(2.0)
+    assert resident.numel() == 3 * common.MIB
+
+
+def test_cpu_timing_returns_ordered_quantiles():
+    x = torch.randn(64, 64)
+    stats = common.measure_time(lambda: x @ x, "cpu", quick=True)
+    assert 0 < stats.p20 <= stats.median <= stats.p80
+
+
+def test_make_row_rejects_bad_input():
+    with pytest.raises(ValueError, match="mode"):
+        common.make_row("k", "p", "sideways", "time", "x", 1, common.Stats.single(1.0))
+    with pytest.raises(ValueError, match="metric"):
+        common.make_row("k", "p", "full", "speed", "x", 1, common.Stats.single(1.0))
+    with pytest.raises(ValueError, match="non-finite"):
+        common.make_row("k", "p", "full", "time", "x", 1, common.Stats.single(math.nan))
+
+
+def test_select_and_discover():
+    available = runner.discover()
+    assert {"linear", "model"} <= set(available)
+    assert runner.select(available, "bench_linear, model", None) == ["linear", "model"]
+    assert "linear" not in runner.select(available, None, "linear")
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        runner.select(available, "nonexistent", None)
+
+
+def test_a_failing_benchmark_is_recorded_and_the_others_still_run(monkeypatch):
+    bad = types.ModuleType("benchmarks.bench_broken")
+    bad.run = lambda quick, device: [{"kernel": "x"}]
+    good = types.ModuleType("benchmarks.bench_fine")
+    good.run = lambda quick, device: [_row("fine", "p", "time", 1.0)]
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_broken", bad)
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_fine", good)
+    rows, _, errors = runner.run_benchmarks(["broken", "fine"], True, "cpu")
+    assert [r["kernel"] for r in rows] == ["fine"] and rows[0]["bench"] == "fine"
+    assert errors[0]["bench"] == "broken" and "lacks keys" in errors[0]["error"]
+
+
+def test_linear_providers_compute_the_same_layer():
+    case = bench_linear.Case("t", 32, 16, 8, "2:4")
+    s = bench_linear.make_input_set(case, "cpu", seed=3)
+    w = s.weight.float()
+    assert ((w.view(32, 4, 4) != 0).sum(-1) <= 2).all()
+    scale = bench_linear.SCALE
+    groups = torch.arange(32) * bench_linear.R // 32
+    w_prime = w * s.alpha.float()[groups] * s.beta.float()[:, None]
+    x = s.x.float()
+    expected = x @ w.t() + scale * x @ w_prime.t()
+    for provider in ("torch", "naive", "blocked"):
+        y = bench_linear.FORWARDS[provider](s).float()
+        torch.testing.assert_close(y, expected, atol=0.05, rtol=0.02)
+    lora = x @ w.t() + scale * (x @ s.lora_a.float().t()) @ s.lora_b.float().t()
+    torch.testing.assert_close(bench_linear.FORWARDS["lora"](s).float(), lora, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(bench_linear.FORWARDS["frozen"](s), F.linear(s.x, s.weight))
+    bench_linear.FORWARDS["masked-ft"](s).backward(s.dy)
+    assert (s.ft_weight.grad[s.weight == 0] == 0).all()
+    assert (s.ft_weight.grad[s.weight != 0] != 0).any()
+
+
+def test_roofline_counts_and_floor():
+    assert roofline.step_flops("frozen", 4, 8, 16) == 4 * 16 * 4 * 8
+    assert roofline.step_flops("triton", 4, 8, 16) == 6 * 16 * 4 * 8
+    with pytest.raises(ValueError, match="lora"):
+        roofline.step_flops("lora", 4, 8, 16)
+    rows = [_row("spp_linear", "frozen", "time", 2.0), _row("spp_linear", "naive", "time", 6.0)]
+    by_provider = {e["provider"]: e for e in roofline.roofline_rows(rows)}
+    assert by_provider["naive"]["floor_ms"] == pytest.approx(3.0)  # 6/4 of frozen's time
+    assert by_provider["naive"]["tflops"] == pytest.approx(by_provider["frozen"]["tflops"] / 2)
