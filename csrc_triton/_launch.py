@@ -106,6 +106,23 @@ def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
     return upcast, ("ieee" if upcast or dtype == torch.float32 else "tf32")
 
 
+def alpha_groups(block_m: int, r: int, m: int) -> int:
+    """NUM_GROUPS constexpr of `_tiles.alpha_rows_tile` for row tiles of `block_m` rows.
+
+    block_m consecutive rows o0.. touch at most (block_m - 1) * r // m + 2 groups
+    (floor(a + b) - floor(a) <= floor(b) + 1), and never more than r. Up to 4 such alpha
+    rows are loaded as vectors and selected per row; beyond that (r close to m) 0 selects
+    the 2-D gather.
+    """
+    bound = min((block_m - 1) * r // m + 2, r, block_m)
+    return bound if bound <= 4 else 0
+
+
+def alpha_groups_heuristic(args: dict) -> int:
+    """triton.heuristics hook: NUM_GROUPS from the launch's BLOCK_M, r and m."""
+    return alpha_groups(args["BLOCK_M"], args["r"], args["m"])
+
+
 def tokens_bucket(tokens: int) -> int:
     """Autotuning key for the token count: the next power of two, so variable batch sizes
     reuse a tuned config instead of re-benchmarking every new length."""

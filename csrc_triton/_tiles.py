@@ -4,7 +4,7 @@ Each helper builds one small piece of the SPP math in registers, for a tile of r
 o (output features, of W (m, n)) and columns i (input features):
 
     weight_tile         W[o, i]                                   (the only read of W)
-    alpha_rows_tile     alpha[g(o), i],  g(o) = (o * r) // m      (gathered, never Repeat-ed)
+    alpha_rows_tile     alpha[g(o), i],  g(o) = (o * r) // m      (selected, never Repeat-ed)
     effective_tile      W[o, i] * (1 + s[o] * alpha[g(o), i])     (s = scale * beta, merged weight)
     keep_tile           tl.rand(seed, t * n + i) >= p             (dropout mask, never stored)
     mma                 acc + a @ b with fp32 accumulation
@@ -35,26 +35,55 @@ def row_groups(rows, r, m):
 
 
 @triton.jit
-def alpha_rows_tile(alpha_ptr, groups, cols, mask, stride_ar, stride_an):
-    """alpha[groups, cols] as float32, a (len(groups), len(cols)) gather from alpha (r, n).
+def alpha_rows_tile(
+    alpha_ptr,
+    groups,
+    first_group,
+    rows_ok,
+    cols,
+    cols_ok,
+    r,
+    stride_ar,
+    stride_an,
+    NUM_GROUPS: tl.constexpr,
+):
+    """alpha[g(o), i] as float32 for a tile of consecutive rows o with groups g(o) =
+    `groups` (from row_groups) and columns i = `cols`: a (len(groups), len(cols)) tile.
 
-    Neighbouring rows share a group, so the gather reads the same few alpha rows from
-    L1/L2; Repeat(alpha) (m, n) is never formed.
+    The rows touch at most NUM_GROUPS groups starting at `first_group` = g(first row) (host
+    bound: (BLOCK_M - 1) * r // m + 2, see _launch.alpha_groups). When
+    NUM_GROUPS > 0 those few alpha rows are loaded as vectors and selected per row: the
+    load traffic is NUM_GROUPS * len(cols), not len(rows) * len(cols). NUM_GROUPS == 0 (r
+    close to m) falls back to a 2-D gather. Either way Repeat(alpha) (m, n) is never formed.
     """
-    ptrs = alpha_ptr + groups[:, None] * stride_ar + cols[None, :] * stride_an
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if NUM_GROUPS > 0:
+        first = first_group
+        col_ptrs = alpha_ptr + cols * stride_an
+        tile = tl.where(
+            (groups == first)[:, None],
+            tl.load(col_ptrs + first * stride_ar, mask=cols_ok, other=0.0).to(tl.float32)[None, :],
+            0.0,
+        )
+        for k in tl.static_range(1, NUM_GROUPS):
+            row = tl.minimum(first + k, r - 1)
+            alpha_k = tl.load(col_ptrs + row * stride_ar, mask=cols_ok, other=0.0)
+            tile = tl.where((groups == first + k)[:, None], alpha_k.to(tl.float32)[None, :], tile)
+        return tile
+    else:
+        ptrs = alpha_ptr + groups[:, None] * stride_ar + cols[None, :] * stride_an
+        return tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def effective_tile(w, alpha_rows, row_scale):
     """W * (1 + row_scale[:, None] * alpha_rows) in W's dtype, computed in float32.
 
-    row_scale = scale * beta (float32, per row). Zeros of W stay zeros bitwise (even if
-    the factor is not finite), like spp_kernels.torch_backend.effective_weight.
+    row_scale = scale * beta (float32, per row). A zero of W stays zero for finite alpha
+    and beta; unlike torch_backend.effective_weight (whose output is a merged weight that
+    must keep zeros bitwise) this tile only feeds a product, so the select that would guard
+    non-finite factors is left out of the inner loop.
     """
-    w32 = w.to(tl.float32)
-    merged = w32 * (1.0 + row_scale[:, None] * alpha_rows)
-    return tl.where(w32 == 0.0, w32, merged).to(w.dtype)
+    return (w.to(tl.float32) * (1.0 + row_scale[:, None] * alpha_rows)).to(w.dtype)
 
 
 @triton.jit

@@ -48,6 +48,7 @@ import triton.language as tl
 from ._launch import (
     INTERPRET,
     MIN_DOT,
+    alpha_groups_heuristic,
     autotune,
     check_dropout,
     check_operands,
@@ -77,6 +78,7 @@ def _dx_config(bt: int, bn: int, bm: int, warps: int, stages: int, group: int = 
 
 DX_CONFIGS = [
     _dx_config(128, 128, 64, 8, 3),
+    _dx_config(256, 128, 64, 8, 3),
     _dx_config(128, 128, 32, 4, 4),
     _dx_config(128, 256, 64, 8, 3),
     _dx_config(64, 128, 64, 4, 4),
@@ -91,6 +93,7 @@ DX_INTERPRETER_CONFIG = _dx_config(16, 16, 16, 4, 1, group=2)
     key=["tokens_bucket", "m", "n", "r", "DROPOUT"],
     dot_blocks=("BLOCK_T", "BLOCK_N", "BLOCK_M"),
 )
+@triton.heuristics({"NUM_GROUPS": alpha_groups_heuristic})
 @triton.jit
 def _spp_dx_kernel(
     dy_ptr,
@@ -123,6 +126,7 @@ def _spp_dx_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     GROUP_T: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
 ):
     pid_t, pid_n = grouped_tile(tl.program_id(0), tokens, n, BLOCK_T, BLOCK_N, GROUP_T)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -133,6 +137,9 @@ def _spp_dx_kernel(
 
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     acc_ad = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    # int64 zero: o0 * r may pass 2**31 for m > 46340, and the loop index is int32 on the
+    # GPU (a Python int under the interpreter, which has no .to()).
+    zero64 = tl.program_id(0).to(tl.int64) * 0
     for o0 in range(0, m, BLOCK_M):
         rows = o0 + tl.arange(0, BLOCK_M)
         m_ok = rows < m
@@ -142,7 +149,16 @@ def _spp_dx_kernel(
         w_mask = m_ok[:, None] & n_ok[None, :]
         w = weight_tile(w_ptr, rows, cols, w_mask, stride_wm, stride_wn)
         alpha_g = alpha_rows_tile(
-            alpha_ptr, row_groups(rows, r, m), cols, w_mask, stride_ar, stride_an
+            alpha_ptr,
+            row_groups(rows, r, m),
+            ((zero64 + o0) * r) // m,
+            m_ok,
+            cols,
+            n_ok,
+            r,
+            stride_ar,
+            stride_an,
+            NUM_GROUPS,
         )
         beta = tl.load(beta_ptr + rows * stride_beta, mask=m_ok, other=0.0).to(tl.float32)
         if DROPOUT:
@@ -195,6 +211,7 @@ def dalpha_slots(m: int, r: int, block_m: int = DAB_BLOCK_M) -> int:
     key=["tokens_bucket", "m", "n", "r", "DROPOUT"],
     dot_blocks=("BLOCK_T",),
 )
+@triton.heuristics({"NUM_GROUPS": alpha_groups_heuristic})
 @triton.jit
 def _spp_dalpha_dbeta_kernel(
     dy_ptr,
@@ -229,6 +246,7 @@ def _spp_dalpha_dbeta_kernel(
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), m, n, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -258,14 +276,16 @@ def _spp_dalpha_dbeta_kernel(
     w_mask = m_ok[:, None] & n_ok[None, :]
     w = weight_tile(w_ptr, rows, cols, w_mask, stride_wm, stride_wn).to(tl.float32)
     groups = row_groups(rows, r, m)
-    alpha_g = alpha_rows_tile(alpha_ptr, groups, cols, w_mask, stride_ar, stride_an)
+    first_group = (pid_m.to(tl.int64) * BLOCK_M * r) // m
+    alpha_g = alpha_rows_tile(
+        alpha_ptr, groups, first_group, m_ok, cols, n_ok, r, stride_ar, stride_an, NUM_GROUPS
+    )
     beta = tl.load(beta_ptr + rows * stride_beta, mask=m_ok, other=0.0).to(tl.float32)
     p = g * w * grad_scale
     dbeta_part = tl.sum(p * alpha_g, axis=1)
     tl.store(dbeta_part_ptr + pid_n.to(tl.int64) * m + rows, dbeta_part, mask=m_ok)
 
     p = p * beta[:, None]
-    first_group = (pid_m.to(tl.int64) * BLOCK_M * r) // m
     part_row = dalpha_part_ptr + (pid_m.to(tl.int64) * slots) * n + cols
     for k in range(0, slots):
         in_group = (groups == first_group + k) & m_ok

@@ -37,7 +37,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune, check_dropout, check_operands, check_out, dot_flags, tokens_bucket
+from ._launch import (
+    alpha_groups_heuristic,
+    autotune,
+    check_dropout,
+    check_operands,
+    check_out,
+    dot_flags,
+    tokens_bucket,
+)
 from ._tiles import (
     alpha_rows_tile,
     alpha_scaled_tile,
@@ -60,6 +68,7 @@ def _config(bt: int, bm: int, bk: int, warps: int, stages: int, group: int = 8) 
 
 FORWARD_CONFIGS = [
     _config(128, 128, 64, 8, 3),
+    _config(256, 128, 64, 8, 3),
     _config(128, 128, 32, 4, 4),
     _config(128, 256, 64, 8, 3),
     _config(64, 128, 64, 4, 4),
@@ -75,6 +84,7 @@ FORWARD_INTERPRETER_CONFIG = _config(16, 16, 16, 4, 1, group=2)
     key=["tokens_bucket", "m", "n", "r", "DROPOUT"],
     dot_blocks=("BLOCK_T", "BLOCK_M", "BLOCK_K"),
 )
+@triton.heuristics({"NUM_GROUPS": alpha_groups_heuristic})
 @triton.jit
 def _spp_forward_kernel(
     x_ptr,
@@ -110,6 +120,7 @@ def _spp_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_T: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
 ):
     pid_t, pid_m = grouped_tile(tl.program_id(0), tokens, m, BLOCK_T, BLOCK_M, GROUP_T)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -118,6 +129,7 @@ def _spp_forward_kernel(
     m_ok = offs_m < m
     x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt
     groups = row_groups(offs_m, r, m)
+    first_group = (pid_m.to(tl.int64) * BLOCK_M * r) // m
     beta = tl.load(beta_ptr + offs_m * stride_beta, mask=m_ok, other=0.0).to(tl.float32)
     row_scale = scale * beta
 
@@ -131,7 +143,9 @@ def _spp_forward_kernel(
         )
         w_mask = m_ok[:, None] & k_ok[None, :]
         w = weight_tile(w_ptr, offs_m, cols, w_mask, stride_wm, stride_wn)
-        alpha_g = alpha_rows_tile(alpha_ptr, groups, cols, w_mask, stride_ar, stride_an)
+        alpha_g = alpha_rows_tile(
+            alpha_ptr, groups, first_group, m_ok, cols, k_ok, r, stride_ar, stride_an, NUM_GROUPS
+        )
         if DROPOUT:
             acc = mma(x, tl.trans(w), acc, UPCAST, PRECISION)
             keep = keep_tile(seed, offs_t, cols, n, dropout_p)

@@ -30,7 +30,7 @@ if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 
 import csrc_triton.spp_backward as spp_backward_mod  # noqa: E402
 import csrc_triton.spp_forward as spp_forward_mod  # noqa: E402
-from csrc_triton._launch import MIN_DOT  # noqa: E402
+from csrc_triton._launch import MIN_DOT, alpha_groups  # noqa: E402
 from spp_kernels import dropout_mask, spp_linear, triton_backend  # noqa: E402
 from spp_kernels.groups import row_groups  # noqa: E402
 from spp_kernels.reference import spp_linear_naive  # noqa: E402
@@ -282,7 +282,8 @@ def test_empty_inputs_launch_nothing_and_give_zero_gradients():
 
 
 def test_dalpha_slots_bound_the_groups_of_every_row_tile():
-    """The dalpha partial buffer has enough slots for every row tile, for any r <= m."""
+    """The dalpha partial buffer has enough slots, and the alpha row-select path enough
+    alpha rows, for every row tile, for any r <= m."""
     for m in [*range(1, 80), 127, 128, 129, 300, 4096, 11008]:
         for r in sorted({1, 2, 3, 7, 16, 64, m // 3, m // 2, m - 1, m} & set(range(1, m + 1))):
             groups = row_groups(m, r)
@@ -292,6 +293,14 @@ def test_dalpha_slots_bound_the_groups_of_every_row_tile():
                 ends = (starts + block).clamp(max=m) - 1
                 spans = groups[ends] - groups[starts] + 1
                 assert int(spans.max()) <= slots, (m, r, block)
+                selected = alpha_groups(block, r, m)
+                assert selected == 0 or int(spans.max()) <= selected, (m, r, block)
+
+
+def test_cases_cover_both_alpha_tile_paths():
+    """The interpreter's 16-row tiles select alpha rows for some cases, gather for others."""
+    paths = {alpha_groups(16, case.r, case.m) > 0 for case in CASES}
+    assert paths == {True, False}
 
 
 def test_every_tl_dot_block_is_at_least_16():
