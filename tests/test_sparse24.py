@@ -312,3 +312,17 @@ def test_cuda_converted_logits_match_dense_merged():
     torch.testing.assert_close(sparse_logits, dense_logits, atol=2e-2, rtol=2e-2)
     out = model.generate(ids[:1, :8], max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 14)
+
+
+@pytest.mark.cuda
+def test_cuda_save_compressed_from_converted_model(tmp_path):
+    model = pruned_tiny_llama(intermediate_size=128).cuda()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    _, report = to_semi_structured(model)
+    assert report.converted, report.to_dict()
+    manifest = save_compressed(model, tmp_path)  # semi-structured weights are unpacked first
+    assert len(manifest["packed"]) == 2 * len(DECODER_LINEARS)
+    fresh = make_tiny_llama(seed=5, intermediate_size=128).to(torch.float16).cuda()
+    load_compressed(fresh, tmp_path)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, dense[key]), key
