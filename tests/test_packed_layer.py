@@ -278,3 +278,26 @@ def test_get_spp_model_auto_packs_pruned_llama_and_matches_dense():
         torch.testing.assert_close(
             merged(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5
         )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_op_registration_passes_opcheck(backend):
+    from spp_kernels.packed import spp_linear_nm_fwd
+
+    packed = PackedWeight.from_dense(nm_linear(n=32, m=12).weight.detach(), 2, 4)
+    x = torch.randn(5, 32, requires_grad=True)
+    alpha = torch.randn(3, 32, requires_grad=True)
+    beta = torch.randn(12, requires_grad=True)
+    args = (x, packed.values, packed.meta, alpha, beta, None, 2, 4, 2.0, 0.1, torch.tensor(7))
+    torch.library.opcheck(spp_linear_nm_fwd, (*args, backend))
+
+
+def test_packed_layer_compiles_without_graph_breaks():
+    layer = SPPLinear.from_linear(nm_linear(), r=2, dropout=0.1, weight_format="nm")
+    layer.backend = "torch"
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 64, requires_grad=True)
+    torch.manual_seed(3)
+    y = compiled(x)
+    y.sum().backward()
+    assert y.shape == (4, 37) and layer.alpha.grad is not None
