@@ -1,8 +1,8 @@
 """PNG plot of a results file: time and memory against tokens, one line per provider.
 
-One column per (kernel, shape) whose rows have at least two x values (the spp_linear
-shapes at 2:4 weights; other benchmarks' kernels the same way), mode "full" where a kernel
-has it. Row 1: median time with the 20-80 percentile band; row 2: peak memory. Needs
+One column per (kernel, shape) whose rows are measured at two or more token counts (the
+spp_linear shapes at 2:4 weights; other benchmarks' kernels with x_name "tokens" the same
+way), mode "full" where a kernel has it. Row 1: median time with the 20-80 percentile band; row 2: peak memory. Needs
 matplotlib; `plot_results` returns None without it (the GPU script treats the plot as
 optional). Also a command: `python -m benchmarks.plot results/<file>.json`.
 """
@@ -17,12 +17,15 @@ from typing import Any
 from spp_kernels.io import atomic_writer
 
 PREFERRED_SPARSITY = "2:4"
+X_NAME = "tokens"
 
 
 def _panels(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """(kernel, shape) -> the rows to draw: mode full (if any), one sparsity."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
+        if r["x_name"] != X_NAME:
+            continue
         groups.setdefault((r["kernel"], str(r["extra"].get("shape", ""))), []).append(r)
     panels = {}
     for key, group in groups.items():
