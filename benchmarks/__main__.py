@@ -70,11 +70,17 @@ def run_benchmarks(
     rows: list[dict] = []
     errors: list[dict] = []
     for name in names:
+        if common.interrupted():
+            errors.append({"bench": name, "error": "not run: interrupted (SIGTERM)"})
+            continue
         start = time.monotonic()
         print(f"== bench_{name} ({'quick' if quick else 'full'}, {device})", flush=True)
         try:
             module = importlib.import_module(f"benchmarks.bench_{name}")
             got = _check_rows(name, module.run(quick, device))
+        except common.Interrupted:
+            errors.append({"bench": name, "error": "interrupted (SIGTERM); its rows are lost"})
+            continue
         except Exception as e:  # one broken benchmark must not lose the others' results
             traceback.print_exc()
             errors.append({"bench": name, "error": f"{type(e).__name__}: {e}"[:2000]})
@@ -122,7 +128,7 @@ def write_results(
     paths = {"json": json_path, "summary": out_dir / "summary.json"}
     update_summary(paths["summary"], entry)
     paths["markdown"] = out_dir / f"{stem}.md"
-    report = markdown_report(meta, merged["rows"], merged["notes"] + merged["errors"], entry)
+    report = markdown_report(meta, merged["rows"], merged["notes"], merged["errors"], entry)
     atomic_write_text(paths["markdown"], report)
     if plot:
         png = plot_results(merged["rows"], out_dir / f"{stem}.png", meta["label"])
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     common.set_deadline(args.time_budget)
+    common.interrupt_on_sigterm()
     meta = common.metadata(device, args.quick)
     rows, notes, errors = run_benchmarks(names, args.quick, device)
     paths = write_results(args.out, meta, names, rows, notes, errors, plot=not args.no_plot)

@@ -285,5 +285,9 @@ def run(quick: bool, device: str) -> list[dict]:
             common.note(BENCH, f"time budget spent; {len(todo) - i} cases skipped: {skipped}")
             break
         print(f"[{BENCH}] {case}", flush=True)
-        rows.extend(measure_case(case, providers, device, quick))
+        try:
+            rows.extend(measure_case(case, providers, device, quick))
+        except common.Interrupted:
+            common.note(BENCH, f"interrupted (SIGTERM) during {case}; {len(todo) - i} cases lost")
+            break
     return rows

@@ -232,5 +232,8 @@ def run(quick: bool, device: str) -> list[dict]:
             rows.extend(measure_provider(provider, plan, device))
         except (RuntimeError, ValueError, TypeError) as e:
             common.note(BENCH, f"{provider} failed: {type(e).__name__}: {e}"[:500])
+        except common.Interrupted:
+            common.note(BENCH, f"interrupted (SIGTERM); not measured: {', '.join(providers[i:])}")
+            break
         common.release_memory(device)  # the provider's model is garbage by now
     return rows

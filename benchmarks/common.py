@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,33 @@ _deadline: float | None = None
 _notes: list[dict[str, str]] = []
 
 
+class Interrupted(BaseException):
+    """SIGTERM arrived (e.g. from `timeout`): stop measuring, keep what was measured.
+
+    A BaseException so that the benchmarks' `except RuntimeError` (OOM, unsupported shape)
+    does not swallow it; benchmarks may catch it to return their partial rows.
+    """
+
+
+_interrupted = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _interrupted
+    _interrupted = True
+    raise Interrupted(f"signal {signum}")
+
+
+def interrupted() -> bool:
+    """True once SIGTERM has arrived."""
+    return _interrupted
+
+
+def interrupt_on_sigterm() -> None:
+    """Turn SIGTERM into `Interrupted` in the main thread (the runner calls this)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def set_deadline(seconds: float | None) -> None:
     """Give the benchmarks `seconds` from now (None: no limit); see `out_of_time`."""
     global _deadline
@@ -116,8 +144,8 @@ def time_left() -> float:
 
 
 def out_of_time() -> bool:
-    """True once the runner's time budget is spent: benchmarks stop starting new cases."""
-    return time_left() <= 0.0
+    """True once the runner's time budget is spent (or SIGTERM came): start no new case."""
+    return _interrupted or time_left() <= 0.0
 
 
 def note(bench: str, message: str) -> None:

@@ -46,7 +46,7 @@ section() {
     shift 2
     start=$(date +%s)
     log "===== $name (limit ${limit}s): $*"
-    timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    timeout --signal=TERM --kill-after=20 "$limit" "$@" >>"$LOG" 2>&1
     rc=$?
     log "===== $name: exit $rc after $(($(date +%s) - start))s$([ "$rc" = 124 ] && echo ' (TIMED OUT)')"
     [ "$rc" = 0 ] || FAILED=1

@@ -309,7 +309,11 @@ def _summary_table(entry: dict[str, Any]) -> list[str]:
 
 
 def markdown_report(
-    meta: dict[str, Any], rows: list[dict], notes: list[dict], entry: dict[str, Any]
+    meta: dict[str, Any],
+    rows: list[dict],
+    notes: list[dict],
+    errors: list[dict],
+    entry: dict[str, Any],
 ) -> str:
     """The human-readable companion of a results JSON file."""
     lines = [
@@ -318,6 +322,8 @@ def markdown_report(
         f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
         f"{meta['cpu_threads']} CPU threads, {meta['timestamp']}. Method: benchmarks/NOTES.md.\n",
     ]
+    if errors:
+        lines += ["Errors:\n", *(f"- [{e['bench']}] {e['error']}" for e in errors), ""]
     if notes:
         lines += ["Notes:\n", *(f"- [{n['bench']}] {n['note']}" for n in notes), ""]
     lines += _summary_table(entry)

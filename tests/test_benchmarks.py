@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
+import time
 import types
 
 import pytest
@@ -236,3 +239,16 @@ def test_roofline_counts_and_floor():
     by_provider = {e["provider"]: e for e in roofline.roofline_rows(rows)}
     assert by_provider["naive"]["floor_ms"] == pytest.approx(3.0)  # 6/4 of frozen's time
     assert by_provider["naive"]["tflops"] == pytest.approx(by_provider["frozen"]["tflops"] / 2)
+
+
+def test_sigterm_becomes_interrupted_and_stops_new_cases(monkeypatch):
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(common, "_interrupted", False)
+    try:
+        common.interrupt_on_sigterm()
+        with pytest.raises(common.Interrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode, long before this ends
+        assert common.interrupted() and common.out_of_time()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
