@@ -27,7 +27,13 @@ from spp_kernels.io import atomic_write_text
 
 from . import common, roofline
 from .plot import plot_results
-from .summary import markdown_report, summary_entry, update_summary
+from .summary import (
+    headline_table,
+    markdown_report,
+    roofline_table,
+    summary_entry,
+    update_summary,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = PACKAGE_DIR / "results"
@@ -183,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = common.metadata(device, args.quick)
     rows, notes, errors = run_benchmarks(names, args.quick, device)
     paths = write_results(args.out, meta, names, rows, notes, errors, plot=not args.no_plot)
+    merged_rows = json.loads(paths["json"].read_text())["rows"]
+    entry = summary_entry(meta, merged_rows, paths["json"].name)
+    print("\n".join(headline_table(entry) + roofline_table(merged_rows)))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     for error in errors:

@@ -185,7 +185,7 @@ def _linear_tables(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _roofline_table(rows: list[dict]) -> list[str]:
+def roofline_table(rows: list[dict]) -> list[str]:
     roof = roofline.roofline_rows(rows)
     if not roof:
         return []
@@ -230,7 +230,7 @@ def _model_table(rows: list[dict]) -> list[str]:
                 provider,
                 str((t or mem)["x_value"]),
                 f"{_fmt(t['median'])} [{_fmt(t['p20'])}, {_fmt(t['p80'])}]" if t else "-",
-                _fmt(x.get("tokens_per_s")) if t else "-",
+                f"{x['tokens_per_s']:,.0f}" if t and "tokens_per_s" in x else "-",
                 _fmt(mem["median"]) if mem else "-",
                 _count(x.get("params_trainable")),
                 _count(x.get("params_total")),
@@ -286,7 +286,7 @@ def _other_tables(rows: list[dict]) -> list[str]:
     ]
 
 
-def _summary_table(entry: dict[str, Any]) -> list[str]:
+def headline_table(entry: dict[str, Any]) -> list[str]:
     body = []
     for name, status in entry["targets"].items():
         met = {True: "yes", False: "no", None: "not measured"}[status["met"]]
@@ -326,9 +326,69 @@ def markdown_report(
         lines += ["Errors:\n", *(f"- [{e['bench']}] {e['error']}" for e in errors), ""]
     if notes:
         lines += ["Notes:\n", *(f"- [{n['bench']}] {n['note']}" for n in notes), ""]
-    lines += _summary_table(entry)
+    lines += headline_table(entry)
     lines += _linear_tables(rows)
-    lines += _roofline_table(rows)
+    lines += roofline_table(rows)
     lines += _model_table(rows)
     lines += _other_tables(rows)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def reference_table(rows: list[dict], quick: bool) -> list[str]:
+    """spp_linear forward + backward at the reference shapes: median time and step peak."""
+    shapes, tokens = reference(quick)
+    linear = [
+        r
+        for r in rows
+        if r["kernel"] == LINEAR
+        and r["mode"] == "full"
+        and r["x_value"] == tokens
+        and r["extra"].get("sparsity") == SPARSITY
+    ]
+    providers = list(dict.fromkeys(r["provider"] for r in linear))
+    value = {(r["extra"]["shape"], r["metric"], r["provider"]): r["median"] for r in linear}
+    body = [
+        [shape, label, *(_fmt(value.get((shape, metric, p))) for p in providers)]
+        for shape in shapes
+        for metric, label in (("time", "fwd+bwd ms"), ("memory", "step peak MB"))
+    ]
+    return [
+        f"### spp_linear at {tokens} tokens, {SPARSITY} weights, forward + backward\n",
+        *_table(["shape (m x n)", "metric", *providers], body),
+    ]
+
+
+def compact_report(meta: dict[str, Any], rows: list[dict], entry: dict[str, Any]) -> str:
+    """The short form for a README: label, headline ratios, reference cases, model steps."""
+    lines = [
+        f"**{meta['label']}** {meta['device']}, torch {meta['torch']}, triton "
+        f"{meta['triton']}, {meta['cpu_threads']} CPU thread(s), {meta['timestamp']}.\n",
+        *headline_table(entry),
+        *reference_table(rows, bool(meta["quick"])),
+        *_model_table(rows),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.summary",
+        description="Render a results JSON file as markdown (the full report, or --compact).",
+    )
+    parser.add_argument("results", type=Path, help="benchmarks/results/<device>-<date>.json")
+    parser.add_argument("--compact", action="store_true", help="short form for a README")
+    args = parser.parse_args(argv)
+    data = json.loads(args.results.read_text())
+    meta, rows = data["meta"], data["rows"]
+    entry = summary_entry(meta, rows, args.results.name)
+    if args.compact:
+        print(compact_report(meta, rows, entry), end="")
+    else:
+        print(markdown_report(meta, rows, data["notes"], data["errors"], entry), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

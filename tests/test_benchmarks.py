@@ -27,7 +27,7 @@ def keep_threads():
     common.set_deadline(None)
 
 
-def test_quick_mode_end_to_end(tmp_path, keep_threads):
+def test_quick_mode_end_to_end(tmp_path, keep_threads, capsys):
     rc = runner.main(["--quick", "--out", str(tmp_path), "--only", "linear,model"])
     assert rc == 0
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -66,6 +66,10 @@ def test_quick_mode_end_to_end(tmp_path, keep_threads):
         assert entry["torch_backend"][name] > 0
     report = (tmp_path / f"{stem}.md").read_text()
     assert "CPU quick mode" in report and "| torch | naive | blocked |" in report
+    capsys.readouterr()  # drop the runner's output
+    assert summary.main([str(tmp_path / f"{stem}.json"), "--compact"]) == 0
+    compact = capsys.readouterr().out
+    assert compact.startswith("**CPU quick mode") and "fwd+bwd ms" in compact
     pytest.importorskip("matplotlib")
     assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
 
