@@ -350,13 +350,19 @@ class SPPModel(nn.Module):
     # ---- parameters -------------------------------------------------------------------
 
     def trainable_parameters(self) -> ParameterCount:
-        """(trainable, total) parameter counts; trainable = sum of r*n + m over SPP layers."""
+        """(trainable, total) parameter counts; trainable = sum of r*n + m over SPP layers.
+
+        A packed N:M frozen weight (weight_format "nm") counts as its dense m*n parameters.
+        """
         trainable = total = 0
         for p in self.parameters():
             numel = p.numel()
             total += numel
             if p.requires_grad:
                 trainable += numel
+        for layer in self.spp_layers().values():
+            if layer.weight is None:  # packed: the frozen weight lives in buffers
+                total += layer.out_features * layer.in_features
         return ParameterCount(trainable, total)
 
     def print_trainable_parameters(self) -> None:

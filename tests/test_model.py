@@ -560,3 +560,46 @@ def test_load_authors_checkpoint_into_inner_model_and_errors(tmp_path):
         load_authors_checkpoint(make_tiny_llama(), tmp_path / "extra")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_authors_checkpoint(make_tiny_llama(), tmp_path)
+
+
+# ---- packed N:M frozen weights --------------------------------------------------------------
+
+
+def two_four_llama() -> nn.Module:
+    """Tiny LLaMA whose targeted projections are 2:4 sparse (2 largest of every 4 columns)."""
+    model = make_tiny_llama()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+                w = module.weight.view(module.out_features, -1, 4)
+                drop = w.abs().argsort(dim=-1)[..., :2]
+                w.scatter_(-1, drop, 0.0)
+    return model
+
+
+def test_packed_nm_weights_train_save_and_merge_like_dense(tmp_path):
+    cfg = dict(r=4, dropout=0.0, init="both_random")
+    dense = get_spp_model(two_four_llama(), SPPConfig(**cfg))
+    packed = get_spp_model(two_four_llama(), SPPConfig(**cfg, weight_format="nm"))
+    packed.load_adapter_state_dict(dense.adapter_state_dict())
+    layers = packed.spp_layers()
+    assert all(layer.weight is None and layer.nm == (2, 4) for layer in layers.values())
+    assert packed.trainable_parameters() == dense.trainable_parameters()
+    ids = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            packed(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
+    train_steps(packed, steps=1)
+    packed.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())["weight_format"] == "nm"
+    reloaded = SPPModel.from_pretrained(two_four_llama(), tmp_path)
+    zeros_before = zero_masks(two_four_llama())
+    for key, value in packed.adapter_state_dict().items():
+        assert torch.equal(reloaded.adapter_state_dict()[key], value), key
+    with torch.no_grad():
+        want = packed(input_ids=ids).logits
+    merged = reloaded.merge_and_unload()
+    assert_zeros_bitwise(zeros_before, merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
