@@ -256,3 +256,23 @@ def test_sigterm_becomes_interrupted_and_stops_new_cases(monkeypatch):
         assert common.interrupted() and common.out_of_time()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_cuda_timing_tops_up_slow_calls_to_min_reps(monkeypatch):
+    """The do_bench wiring, without a GPU: a fake do_bench stands in for triton's."""
+    triton_testing = pytest.importorskip("triton.testing")
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        calls.append({"warmup": warmup, "rep": rep, "grads": grad_to_none})
+        assert return_mode == "all"
+        return [40.0, 50.0] if len(calls) == 1 else [45.0, 55.0, 60.0]
+
+    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+    x = torch.zeros(1, requires_grad=True)
+    stats = common.measure_time(lambda: None, "cuda", quick=False, grad_to_none=[x])
+    plan = common.timing_plan(quick=False, device="cuda")
+    assert calls[0]["rep"] == plan.rep_ms and calls[0]["grads"] == [x]
+    assert calls[1]["rep"] == pytest.approx(3 * 40.0)  # 3 missing calls x median of the first
+    assert stats == common.quantile_stats([40.0, 50.0, 45.0, 55.0, 60.0])
+    assert stats.median == 50.0 and stats.p20 == pytest.approx(44.0)
