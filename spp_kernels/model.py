@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import os
 import re
@@ -254,11 +253,6 @@ def _from_linear_kwargs(config: SPPConfig) -> dict[str, Any]:
         adapter_dtype=config.torch_adapter_dtype,
     )
     if config.weight_format != "dense":
-        if "weight_format" not in inspect.signature(SPPLinear.from_linear).parameters:
-            raise ValueError(
-                f"SPPConfig: weight_format={config.weight_format!r} needs packed N:M weight "
-                "support in SPPLinear.from_linear, which this version lacks; use 'dense'"
-            )
         kwargs["weight_format"] = config.weight_format
     return kwargs
 
@@ -315,11 +309,19 @@ class SPPModel(nn.Module):
         # Restored by merge_and_unload, so the merged model trains like the original did.
         self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
-        for name in _progress(list(targets), "SPP: wrapping linear layers"):
-            layer = SPPLinear.from_linear(targets[name], **kwargs)
-            # A new module starts in training mode; keep the replaced layer's mode instead
-            # (else adapter dropout would run inside an eval-mode model).
-            _set_submodule(model, name, layer.train(targets[name].training))
+        try:
+            for name in _progress(list(targets), "SPP: wrapping linear layers"):
+                layer = SPPLinear.from_linear(targets[name], **kwargs)
+                # A new module starts in training mode; keep the replaced layer's mode
+                # (else adapter dropout would run inside an eval-mode model).
+                _set_submodule(model, name, layer.train(targets[name].training))
+        except BaseException:
+            # e.g. weight_format="nm" on a layer that is not N:M sparse: leave `model` as it was.
+            for name, linear in targets.items():
+                _set_submodule(model, name, linear)
+            for name, p in model.named_parameters():
+                p.requires_grad_(self._requires_grad_before[name])
+            raise
         # A per-instance forward whose signature is the wrapped model's (Trainer reads it to
         # decide which batch columns to keep); it calls the model's __call__ so its hooks run.
         self.forward = functools.update_wrapper(

@@ -603,3 +603,14 @@ def test_packed_nm_weights_train_save_and_merge_like_dense(tmp_path):
     assert_zeros_bitwise(zeros_before, merged)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_nm_on_unstructured_weights_fails_and_leaves_model_unchanged():
+    model = two_four_llama()
+    with torch.no_grad():  # the last targeted layer is dense: fails after 13 layers were wrapped
+        model.model.layers[1].mlp.down_proj.weight.normal_()
+    before = {n: (type(m), m.training) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="N:M|not .*sparse"):
+        get_spp_model(model, SPPConfig(r=2, weight_format="nm"))
+    assert {n: (type(m), m.training) for n, m in model.named_modules()} == before
+    assert all(p.requires_grad for p in model.parameters())
