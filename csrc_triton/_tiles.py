@@ -6,6 +6,7 @@ o (output features, of W (m, n)) and columns i (input features):
     weight_tile         W[o, i]                                   (the only read of W)
     alpha_rows_tile     alpha[g(o), i],  g(o) = (o * r) // m      (selected, never Repeat-ed)
     effective_tile      W[o, i] * (1 + s[o] * alpha[g(o), i])     (s = scale * beta, merged weight)
+    adapter_tile        W[o, i] * alpha[g(o), i] * s[o]           (scaled W', dropout backward)
     keep_tile           tl.rand(seed, t * n + i) >= p             (dropout mask, never stored)
     mma                 acc + a @ b with fp32 accumulation
 
@@ -90,6 +91,13 @@ def effective_tile(w, alpha_rows, row_scale):
 def alpha_scaled_tile(w, alpha_rows):
     """W * alpha[g(o), i] in W's dtype (the adapter weight without beta), computed in float32."""
     return (w.to(tl.float32) * alpha_rows).to(w.dtype)
+
+
+@triton.jit
+def adapter_tile(w, alpha_rows, row_scale):
+    """W' tile = W * alpha[g(o), i] * row_scale[o] in W's dtype, computed in float32
+    (row_scale = scale * beta: the scaled SPP adapter weight, registers only)."""
+    return (w.to(tl.float32) * alpha_rows * row_scale[:, None]).to(w.dtype)
 
 
 @triton.jit

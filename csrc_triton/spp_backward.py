@@ -15,9 +15,12 @@ Given dY (T, m):
 1. dX pass (_spp_dx_kernel). Program (pid_t, pid_i) owns dX[t0:t0+BLOCK_T, i0:i0+BLOCK_N]
    and walks the m rows of W in steps of BLOCK_M. Each step loads the dY tile and the W
    tile once; p == 0: one tl.dot with the W_eff tile built in registers (exactly as in the
-   forward); p > 0: dY @ W and (s * beta * dY) @ (W * alpha[g]) from the same W tile, and
-   the epilogue applies keep / (1 - p), regenerated from (seed, t, i), to the adapter part.
-   Nothing but dX is written.
+   forward); p > 0: dY @ W and dY @ W' from the same W tile, W' = s * W * alpha[g] * beta
+   built in registers (the same product as (s * beta * dY) @ (W * alpha[g])), and the
+   epilogue applies keep / (1 - p), regenerated from (seed, t, i), to the adapter part.
+   The product is accumulated transposed, dX^T = W_eff^T dY^T, so the rebuilt weight tile
+   is the first MMA operand, which Hopper's wgmma takes from registers. Nothing but dX is
+   written.
 
 2. G contraction (_spp_dalpha_dbeta_kernel). Program (pid_o, pid_i) accumulates the tile
    G[o0:o0+BLOCK_M, i0:i0+BLOCK_N] = sum over token blocks of dY_tile^T @ (keep * X_tile)
@@ -57,8 +60,8 @@ from ._launch import (
     tokens_bucket,
 )
 from ._tiles import (
+    adapter_tile,
     alpha_rows_tile,
-    alpha_scaled_tile,
     effective_tile,
     grouped_tile,
     keep_tile,
@@ -135,8 +138,10 @@ def _spp_dx_kernel(
     n_ok = cols < n
     dy_rows = dy_ptr + offs_t.to(tl.int64)[:, None] * stride_dyt
 
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    acc_ad = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    # Accumulate dX^T (BLOCK_N, BLOCK_T): the weight tile, rebuilt in registers, is the first
+    # MMA operand (Hopper's wgmma reads it from registers) and dY^T comes from shared memory.
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    acc_ad = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     # int64 zero: o0 * r may pass 2**31 for m > 46340, and the loop index is int32 on the
     # GPU (a Python int under the interpreter, which has no .to()).
     zero64 = tl.program_id(0).to(tl.int64) * 0
@@ -162,17 +167,19 @@ def _spp_dx_kernel(
         )
         beta = tl.load(beta_ptr + rows * stride_beta, mask=m_ok, other=0.0).to(tl.float32)
         if DROPOUT:
-            acc = mma(dy, w, acc, UPCAST, PRECISION)
-            dy_beta = (dy.to(tl.float32) * (scale * beta)[None, :]).to(dy.dtype)
-            acc_ad = mma(dy_beta, alpha_scaled_tile(w, alpha_g), acc_ad, UPCAST, PRECISION)
+            # (dY * beta) (W * alpha[g]) = dY W' with W' = W * alpha[g] * beta in registers.
+            acc = mma(tl.trans(w), tl.trans(dy), acc, UPCAST, PRECISION)
+            w_prime = adapter_tile(w, alpha_g, scale * beta)
+            acc_ad = mma(tl.trans(w_prime), tl.trans(dy), acc_ad, UPCAST, PRECISION)
         else:
-            acc = mma(dy, effective_tile(w, alpha_g, scale * beta), acc, UPCAST, PRECISION)
+            w_eff = effective_tile(w, alpha_g, scale * beta)
+            acc = mma(tl.trans(w_eff), tl.trans(dy), acc, UPCAST, PRECISION)
 
     if DROPOUT:
-        keep = keep_tile(seed, offs_t, cols, n, dropout_p)
+        keep = tl.trans(keep_tile(seed, offs_t, cols, n, dropout_p))
         acc += tl.where(keep, acc_ad * keep_scale, 0.0)
-    dx_ptrs = dx_ptr + offs_t.to(tl.int64)[:, None] * stride_dxt + cols[None, :] * stride_dxn
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+    dx_ptrs = dx_ptr + offs_t.to(tl.int64)[None, :] * stride_dxt + cols[:, None] * stride_dxn
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=n_ok[:, None] & t_ok[None, :])
 
 
 # The G kernel's BLOCK_M and BLOCK_N size the partial buffers, so the host fixes them and

@@ -24,6 +24,9 @@ once and gathers alpha[g(o), i] for the tile's rows (g computed in registers). T
 * p > 0:  acc += X_tile @ W_tile^T and acc_ad += (keep * X_tile) @ (W * alpha[g])_tile^T,
   the same W tile feeding both products; the mask is regenerated from (seed, t, i).
 
+The tiles are accumulated transposed, Y^T = W_eff X^T, so the weight tile rebuilt in
+registers is the first MMA operand, which Hopper's wgmma reads straight from registers
+(its second operand, the X tile, is pipelined through shared memory).
 Epilogue: Y = acc (+ s/(1-p) * beta[o] * acc_ad) + bias[o], accumulators in float32, one
 store in X's dtype. Programs are launched in grouped order so a W panel is reused from L2.
 
@@ -133,8 +136,11 @@ def _spp_forward_kernel(
     beta = tl.load(beta_ptr + offs_m * stride_beta, mask=m_ok, other=0.0).to(tl.float32)
     row_scale = scale * beta
 
-    acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
-    acc_ad = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+    # Accumulate Y^T (BLOCK_M, BLOCK_T): the weight tile, rebuilt in registers, is the
+    # first MMA operand, which Hopper's wgmma can read from registers (the second operand
+    # must come from shared memory, where the pipelined X tile already is).
+    acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
+    acc_ad = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         k_ok = cols < n
@@ -147,22 +153,22 @@ def _spp_forward_kernel(
             alpha_ptr, groups, first_group, m_ok, cols, k_ok, r, stride_ar, stride_an, NUM_GROUPS
         )
         if DROPOUT:
-            acc = mma(x, tl.trans(w), acc, UPCAST, PRECISION)
+            acc = mma(w, tl.trans(x), acc, UPCAST, PRECISION)
             keep = keep_tile(seed, offs_t, cols, n, dropout_p)
             x_kept = tl.where(keep, x, tl.zeros_like(x))
             w_alpha = alpha_scaled_tile(w, alpha_g)
-            acc_ad = mma(x_kept, tl.trans(w_alpha), acc_ad, UPCAST, PRECISION)
+            acc_ad = mma(w_alpha, tl.trans(x_kept), acc_ad, UPCAST, PRECISION)
         else:
             w_eff = effective_tile(w, alpha_g, row_scale)
-            acc = mma(x, tl.trans(w_eff), acc, UPCAST, PRECISION)
+            acc = mma(w_eff, tl.trans(x), acc, UPCAST, PRECISION)
 
     if DROPOUT:
-        acc += acc_ad * (row_scale * keep_scale)[None, :]
+        acc += acc_ad * (row_scale * keep_scale)[:, None]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_m * stride_bias, mask=m_ok, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * stride_yt + offs_m[None, :] * stride_ym
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & m_ok[None, :])
+        acc += bias[:, None]
+    y_ptrs = y_ptr + offs_t.to(tl.int64)[None, :] * stride_yt + offs_m[:, None] * stride_ym
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & t_ok[None, :])
 
 
 def spp_forward(
