@@ -330,7 +330,7 @@ def _spp_dalpha_reduce_kernel(
     )
 
 
-def spp_backward_dx(
+def spp_linear_dx(
     dy: torch.Tensor,
     weight: torch.Tensor,
     alpha: torch.Tensor,
@@ -390,7 +390,7 @@ def spp_backward_dx(
     return out
 
 
-def spp_backward_dalpha_dbeta(
+def spp_linear_dalpha_dbeta(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -171,7 +171,7 @@ def _spp_forward_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & t_ok[None, :])
 
 
-def spp_forward(
+def spp_linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     alpha: torch.Tensor,

@@ -12,8 +12,8 @@ import torch
 
 # Submodule imports: they work whether or not the editable install registered csrc_triton
 # as a regular package or a namespace package.
-from csrc_triton.spp_backward import spp_backward_dalpha_dbeta, spp_backward_dx
-from csrc_triton.spp_forward import spp_forward
+from csrc_triton.spp_backward import spp_linear_dalpha_dbeta, spp_linear_dx
+from csrc_triton.spp_forward import spp_linear_forward
 
 
 def forward(
@@ -27,7 +27,7 @@ def forward(
     seed: int,
 ) -> torch.Tensor:
     """Y (tokens, m) in x's dtype: X W^T + scale * Dropout(X) W'^T + bias, fused."""
-    return spp_forward(x, weight, alpha, beta, bias, scale, dropout_p, seed)
+    return spp_linear_forward(x, weight, alpha, beta, bias, scale, dropout_p, seed)
 
 
 def backward(
@@ -51,10 +51,8 @@ def backward(
         dy = dy.to(x.dtype)
     dx = dalpha = dbeta = None
     if need_dx:
-        dx = spp_backward_dx(dy, weight, alpha, beta, scale, dropout_p, seed)
+        dx = spp_linear_dx(dy, weight, alpha, beta, scale, dropout_p, seed)
     if need_dalpha_dbeta:
-        dalpha, dbeta = spp_backward_dalpha_dbeta(
-            dy, x, weight, alpha, beta, scale, dropout_p, seed
-        )
+        dalpha, dbeta = spp_linear_dalpha_dbeta(dy, x, weight, alpha, beta, scale, dropout_p, seed)
         dbeta = dbeta.to(beta.dtype)
     return dx, dalpha, dbeta

@@ -252,18 +252,16 @@ def test_out_argument_writes_every_element_of_a_strided_buffer():
     weight = torch.randn(m, n, device=DEVICE)
     alpha, beta = torch.randn(r, n, device=DEVICE), torch.randn(m, device=DEVICE)
     out = torch.full((m, tokens), math.nan, device=DEVICE).t()
-    got = spp_forward_mod.spp_forward(x, weight, alpha, beta, None, 1.0, 0.0, 0, out=out)
+    got = spp_forward_mod.spp_linear_forward(x, weight, alpha, beta, None, 1.0, 0.0, 0, out=out)
     assert got is out
     ref = triton_backend.forward(x, weight, alpha, beta, None, 1.0, 0.0, 0)
     assert torch.equal(out, ref)
     dy = torch.randn(tokens, m, device=DEVICE)
     dx_out = torch.full((tokens, 2 * n), math.nan, device=DEVICE)[:, ::2]
-    spp_backward_mod.spp_backward_dx(dy, weight, alpha, beta, 1.0, 0.0, 0, out=dx_out)
-    assert torch.equal(
-        dx_out, spp_backward_mod.spp_backward_dx(dy, weight, alpha, beta, 1.0, 0.0, 0)
-    )
+    spp_backward_mod.spp_linear_dx(dy, weight, alpha, beta, 1.0, 0.0, 0, out=dx_out)
+    assert torch.equal(dx_out, spp_backward_mod.spp_linear_dx(dy, weight, alpha, beta, 1.0, 0.0, 0))
     with pytest.raises(ValueError, match="out must be"):
-        spp_forward_mod.spp_forward(x, weight, alpha, beta, None, 1.0, 0.0, 0, out=out.t())
+        spp_forward_mod.spp_linear_forward(x, weight, alpha, beta, None, 1.0, 0.0, 0, out=out.t())
 
 
 def test_empty_inputs_launch_nothing_and_give_zero_gradients():
@@ -386,3 +384,85 @@ def test_compiled_llama_shape_bf16_smoke():
         x.float(), weight.float(), alpha.float(), beta.float(), None, 2.0, 0.0, 0
     )
     check_close("y", y, ref)
+
+
+# ------------------------------------------- GPU code generation without a GPU (ptxas)
+
+_COMPILE_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # compile the GPU path, not the interpreter's
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import csrc_triton.spp_backward as B
+import csrc_triton.spp_forward as F
+from csrc_triton._launch import alpha_groups
+
+arch, dtype = int(sys.argv[1]), sys.argv[2]
+UNIT = {"stride_xn", "stride_wn", "stride_an", "stride_ym", "stride_dym", "stride_dxn",
+        "stride_beta", "stride_bias"}  # stride 1: what a contiguous launch specialises
+FLOATS = {"scale", "keep_scale", "dropout_p", "grad_scale"}
+DATA = {"x_ptr", "w_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+
+def compile_kernel(kernel, consts, config):
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel = kernel.fn  # unwrap autotune / heuristics
+    consts = dict(consts, **{k: 1 for k in UNIT if k in kernel.arg_names})
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}" if name in DATA else "*fp32"
+        else:
+            sig[name] = "fp32" if name in FLOATS else ("i64" if name == "seed" else "i32")
+        if sig[name] != "constexpr" and name not in FLOATS | {"seed", "r", "slots"}:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    target = GPUTarget("cuda", arch, 32)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs), target=target, options=options)
+
+prec = "ieee" if dtype == "fp32" else "tf32"
+for dropout in (False, True):
+    for groups in (alpha_groups(128, 16, 4096), 0):  # alpha row select, alpha gather
+        c = F.FORWARD_CONFIGS[0]
+        compile_kernel(F._spp_forward_kernel, dict(HAS_BIAS=True, DROPOUT=dropout, UPCAST=False,
+                       PRECISION=prec, NUM_GROUPS=groups, **c.kwargs), c)
+        c = B.DX_CONFIGS[0]
+        compile_kernel(B._spp_dx_kernel, dict(DROPOUT=dropout, UPCAST=False, PRECISION=prec,
+                       NUM_GROUPS=groups, **c.kwargs), c)
+        c = B.DAB_CONFIGS[0]
+        compile_kernel(B._spp_dalpha_dbeta_kernel, dict(DROPOUT=dropout, UPCAST=False,
+                       PRECISION=prec, NUM_GROUPS=groups, BLOCK_M=B.DAB_BLOCK_M,
+                       BLOCK_N=B.DAB_BLOCK_N, GROUP_M=B.DAB_GROUP_M, **c.kwargs), c)
+compile_kernel(B._spp_dalpha_reduce_kernel, dict(TILE_M=B.DAB_BLOCK_M, BLOCK_N=B.REDUCE_BLOCK_N),
+               triton.Config({}, num_warps=4, num_stages=1))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "dtype"), [(90, "bf16"), (80, "fp16")])
+def test_gpu_code_generation_without_a_gpu(arch, dtype):
+    """Every kernel, both dropout modes and both alpha-tile paths, compiled for sm_90 / sm_80
+    down to a cubin with Triton's bundled ptxas: catches GPU-only errors (tl.dot shapes,
+    types, layouts) that the interpreter accepts, on a machine without a GPU."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists() and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas available")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
