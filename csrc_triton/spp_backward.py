@@ -149,7 +149,9 @@ def _spp_dx_kernel(
         rows = o0 + tl.arange(0, BLOCK_M)
         m_ok = rows < m
         dy = tl.load(
-            dy_rows + rows[None, :] * stride_dym, mask=t_ok[:, None] & m_ok[None, :], other=0.0
+            dy_rows + rows.to(tl.int64)[None, :] * stride_dym,
+            mask=t_ok[:, None] & m_ok[None, :],
+            other=0.0,
         )
         w_mask = m_ok[:, None] & n_ok[None, :]
         w = weight_tile(w_ptr, rows, cols, w_mask, stride_wm, stride_wn)
@@ -178,7 +180,9 @@ def _spp_dx_kernel(
     if DROPOUT:
         keep = tl.trans(keep_tile(seed, offs_t, cols, n, dropout_p))
         acc += tl.where(keep, acc_ad * keep_scale, 0.0)
-    dx_ptrs = dx_ptr + offs_t.to(tl.int64)[None, :] * stride_dxt + cols[:, None] * stride_dxn
+    dx_ptrs = (
+        dx_ptr + offs_t.to(tl.int64)[None, :] * stride_dxt + cols.to(tl.int64)[:, None] * stride_dxn
+    )
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=n_ok[:, None] & t_ok[None, :])
 
 
@@ -260,8 +264,8 @@ def _spp_dalpha_dbeta_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rows < m
     n_ok = cols < n
-    dy_cols = dy_ptr + rows[:, None] * stride_dym
-    x_cols = x_ptr + cols[None, :] * stride_xn
+    dy_cols = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym  # int64: dy, x may be transposed
+    x_cols = x_ptr + cols.to(tl.int64)[None, :] * stride_xn
 
     # G tile = dY[:, rows]^T @ (keep * X)[:, cols], float32, over all token blocks.
     g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

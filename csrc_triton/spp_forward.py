@@ -130,6 +130,8 @@ def _spp_forward_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t_ok = offs_t < tokens
     m_ok = offs_m < m
+    # int64 offsets wherever a token index or a strided token axis enters: tokens * n
+    # may pass 2**31 (x, y, dy, dx may be transposed views).
     x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt
     groups = row_groups(offs_m, r, m)
     first_group = (pid_m.to(tl.int64) * BLOCK_M * r) // m
@@ -145,7 +147,9 @@ def _spp_forward_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         k_ok = cols < n
         x = tl.load(
-            x_rows + cols[None, :] * stride_xn, mask=t_ok[:, None] & k_ok[None, :], other=0.0
+            x_rows + cols.to(tl.int64)[None, :] * stride_xn,
+            mask=t_ok[:, None] & k_ok[None, :],
+            other=0.0,
         )
         w_mask = m_ok[:, None] & k_ok[None, :]
         w = weight_tile(w_ptr, offs_m, cols, w_mask, stride_wm, stride_wn)
@@ -167,7 +171,9 @@ def _spp_forward_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_m * stride_bias, mask=m_ok, other=0.0).to(tl.float32)
         acc += bias[:, None]
-    y_ptrs = y_ptr + offs_t.to(tl.int64)[None, :] * stride_yt + offs_m[:, None] * stride_ym
+    y_ptrs = (
+        y_ptr + offs_t.to(tl.int64)[None, :] * stride_yt + offs_m.to(tl.int64)[:, None] * stride_ym
+    )
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & t_ok[None, :])
 
 

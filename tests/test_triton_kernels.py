@@ -169,6 +169,7 @@ def run_case(case: Case, seed: int = 1234) -> None:
     beta = torch.randn(m, device=DEVICE).to(case.ab_dtype).requires_grad_()
     bias = torch.randn(m, device=DEVICE).to(case.ab_dtype).requires_grad_() if case.bias else None
     kw = dict(scale=scale, dropout_p=case.dropout_p, seed=seed)
+    weight_bits = weight.clone()
 
     y = spp_linear(x, weight, alpha, beta, bias, backend="triton", **kw)
     dy = make_tensor((*case.lead, m), case.dtype, case.layout if len(case.lead) == 1 else "")
@@ -189,6 +190,9 @@ def run_case(case: Case, seed: int = 1234) -> None:
     for param in (x, alpha, beta, bias):
         if param is not None:
             assert param.grad.dtype == param.dtype
+    # The frozen (pruned) weight is only ever read: every value and every zero, bitwise.
+    int_view = {2: torch.int16, 4: torch.int32}[weight.element_size()]
+    assert torch.equal(weight.view(int_view), weight_bits.view(int_view))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
