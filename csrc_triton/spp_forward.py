@@ -17,7 +17,9 @@ Tiling
 ------
 Program (pid_t, pid_o) owns the output tile Y[t0:t0+BLOCK_T, o0:o0+BLOCK_M] and walks the
 reduction dimension i in steps of BLOCK_K. At each step it loads the X tile and the W tile
-once and gathers alpha[g(o), i] for the tile's rows (g computed in registers). Then:
+once and forms alpha[g(o), i] for the tile's rows in registers (g computed in-kernel; the
+at most NUM_GROUPS alpha rows a row tile touches are loaded as vectors and selected per
+row, or gathered when r is close to m). Then:
 
 * p == 0: W_eff tile = W * (1 + s*beta*alpha[g]) in float32 registers, rounded to the
   input dtype, one tl.dot:  acc += X_tile @ W_eff_tile^T.
