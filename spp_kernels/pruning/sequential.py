@@ -162,7 +162,7 @@ def prune(
                 for j, h in enumerate(inputs.hidden):
                     inputs.hidden[j] = run_block(block, h, inputs.extra_args[i], inputs.kwargs[i])
             bar.update(1)
-    except BaseException as exc:
+    except Exception as exc:
         if done:
             raise RuntimeError(
                 f"pruning stopped in decoder layer {done} of {len(layers)} ({exc!r}); "
