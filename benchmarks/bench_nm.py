@@ -19,7 +19,7 @@ Rows (shared schema; fp16 weights; metric "memory" in MiB, reported as "MB"):
                              "full"), and the peak memory of a training step (resident
                              layer + what the step allocates), provider "dense" (the fused
                              kernels on the dense weight) or "nm-2:4" / "nm-2:8" (the
-                             packed kernels, csrc_triton/spp_nm.py).
+                             same fused kernels reading the packed weight).
   kernel "nm_model_step"     peak memory of one training step (forward, loss, backward) of
                              a LLaMA-architecture model with 7B / 70B layer dimensions
                              and a few decoder layers, every projection pruned N:M, dense

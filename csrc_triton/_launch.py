@@ -147,3 +147,51 @@ def autotune(
             raise ValueError(f"csrc_triton: tl.dot blocks must be >= {MIN_DOT}, got {small}")
     configs = [interpreter_config] if INTERPRET else gpu_configs
     return triton.autotune(configs=configs, key=key)
+
+
+def frozen_weight_args(
+    weight: torch.Tensor, meta: torch.Tensor | None, nm: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """Launch arguments for the frozen weight, dense or N:M packed (`_tiles.frozen_weight_tile`).
+
+    Returns (dense_like, meta_arg, stride_meta, NM_N, NM_M). dense_like has W's (m, n)
+    shape, dtype and device for `check_operands` and the grid: W itself when dense, a
+    zero-stride view of one element when packed (never a dense copy).
+    Dense: meta and nm are None; meta_arg is W (never read), NM_N = NM_M = 0.
+    Packed: weight is the values (m, n // M * N) with unit column stride, meta the int32
+    metadata (m, ceil((n // M) / G)), G = 32 // (N * log2(M)), nm = (N, M), M in {4, 8}.
+    """
+    if meta is None:
+        if nm is not None:
+            raise ValueError("csrc_triton: nm=(N, M) given without the packed metadata `meta`")
+        return weight, weight, 0, 0, 0
+    if (
+        not isinstance(nm, tuple)
+        or len(nm) != 2
+        or nm[1] not in (4, 8)
+        or not isinstance(nm[0], int)
+        or not 1 <= nm[0] < nm[1]
+    ):
+        raise ValueError(f"csrc_triton: nm must be (N, M) with M in (4, 8), 1 <= N < M; got {nm!r}")
+    n_keep, m_group = nm
+    if weight.dim() != 2 or weight.shape[1] % n_keep:
+        raise ValueError(
+            f"csrc_triton: packed values must be 2-D (m, n // {m_group} * {n_keep}), got "
+            f"{tuple(weight.shape)}"
+        )
+    m, groups = weight.shape[0], weight.shape[1] // n_keep
+    per_word = 32 // (n_keep * (2 if m_group == 4 else 3))
+    expected = (m, -(-groups // per_word))
+    if meta.dtype != torch.int32 or tuple(meta.shape) != expected:
+        raise ValueError(
+            f"csrc_triton: packed meta must be int32 of shape {expected} for values "
+            f"{tuple(weight.shape)} and {n_keep}:{m_group}, got {meta.dtype} {tuple(meta.shape)}"
+        )
+    if meta.device != weight.device:
+        raise ValueError(
+            f"csrc_triton: values on {weight.device} but meta on {meta.device}; use one device"
+        )
+    if weight.stride(1) != 1 or meta.stride(1) != 1:
+        raise ValueError("csrc_triton: packed values and meta need unit column stride")
+    dense_like = weight.new_empty(()).expand(m, groups * m_group)
+    return dense_like, meta, meta.stride(0), n_keep, m_group

@@ -4,20 +4,24 @@ Each helper builds one small piece of the SPP math in registers, for a tile of r
 o (output features, of W (m, n)) and columns i (input features):
 
     weight_tile         W[o, i]                                   (the only read of W)
+    frozen_weight_tile  W[o, i] from W itself or from its N:M packed values/meta
     alpha_rows_tile     alpha[g(o), i],  g(o) = (o * r) // m      (selected, never Repeat-ed)
     effective_tile      W[o, i] * (1 + s[o] * alpha[g(o), i])     (s = scale * beta, merged weight)
     adapter_tile        W[o, i] * alpha[g(o), i] * s[o]           (scaled W', dropout backward)
     keep_tile           tl.rand(seed, t * n + i) >= p             (dropout mask, never stored)
     mma                 acc + a @ b with fp32 accumulation
 
-`weight_tile` is the single place a kernel reads the frozen weight, so a variant that reads
-N:M-packed weights (csrc_triton/nm_tiles.py) swaps in there behind a constexpr flag.
+The kernels read the frozen weight only through `frozen_weight_tile`: `weight_tile` for a
+dense W, or (constexpr NM_M > 0) `nm_tiles.nm_dense_tile`, which expands the tile from the
+N:M packed values and metadata in registers, so a packed weight is never made dense.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .nm_tiles import nm_dense_tile
 
 
 @triton.jit
@@ -27,6 +31,33 @@ def weight_tile(w_ptr, rows, cols, mask, stride_wm, stride_wn):
     return tl.load(
         w_ptr + rows64[:, None] * stride_wm + cols[None, :] * stride_wn, mask=mask, other=0.0
     )
+
+
+@triton.jit
+def frozen_weight_tile(
+    w_ptr,
+    meta_ptr,
+    rows,
+    cols,
+    mask,
+    stride_wm,
+    stride_wn,
+    stride_meta,
+    NM_N: tl.constexpr,
+    NM_M: tl.constexpr,
+):
+    """W[rows, cols] in W's dtype, 0 where `mask` is False.
+
+    NM_M == 0: w_ptr is the dense W (m, n) and meta_ptr is not read. NM_M in {4, 8}: w_ptr
+    is the packed values (m, n // NM_M * NM_N, unit column stride; stride_wm its row stride)
+    and meta_ptr the int32 metadata (row stride stride_meta) of spp_kernels.nm's format;
+    the tile is decoded bit-exactly in registers (nm_tiles.nm_dense_tile).
+    """
+    if NM_M == 0:
+        w = weight_tile(w_ptr, rows, cols, mask, stride_wm, stride_wn)
+    else:
+        w = nm_dense_tile(w_ptr, meta_ptr, rows, cols, mask, stride_wm, stride_meta, NM_N, NM_M)
+    return w
 
 
 @triton.jit

@@ -17,7 +17,8 @@ comes out bit-exact. The meta word may have its top bit set (2:4 packs 8 four-bi
 per word); the arithmetic right shift then fills with ones, which the code mask removes.
 
 Nothing here ever writes a dense weight to memory: the tile lives in registers and is fed
-straight to `tl.dot` by the SPP kernels (csrc_triton/spp_nm.py).
+straight to `tl.dot` by the fused SPP kernels (spp_forward.py, spp_backward.py), which read
+the frozen weight only through `_tiles.frozen_weight_tile` (constexpr NM_N, NM_M).
 """
 
 from __future__ import annotations

@@ -37,6 +37,10 @@ Given dY (T, m):
    on the host (a torch reduction, deterministic), and _spp_dalpha_reduce_kernel sums, for
    each group j, the slots of the (at most a few) row tiles that touch j, in tile order.
 
+N:M packed weights (constexpr NM_M > 0): both kernels read W through
+_tiles.frozen_weight_tile, which decodes each tile from the packed values and int32
+metadata in registers (see spp_forward.py); nothing else changes and W is never densified.
+
 Recomputed in backward rather than saved by the forward: W_eff and W * alpha[g] (per tile),
 the dropout mask (from the seed) and G. Saved for backward by the caller: X, W, alpha,
 beta and the seed only.
@@ -57,17 +61,18 @@ from ._launch import (
     check_operands,
     check_out,
     dot_flags,
+    frozen_weight_args,
     tokens_bucket,
 )
 from ._tiles import (
     adapter_tile,
     alpha_rows_tile,
     effective_tile,
+    frozen_weight_tile,
     grouped_tile,
     keep_tile,
     mma,
     row_groups,
-    weight_tile,
 )
 
 
@@ -93,7 +98,7 @@ DX_INTERPRETER_CONFIG = _dx_config(16, 16, 16, 4, 1, group=2)
 @autotune(
     DX_CONFIGS,
     DX_INTERPRETER_CONFIG,
-    key=["tokens_bucket", "m", "n", "r", "DROPOUT"],
+    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "NM_N", "NM_M"],
     dot_blocks=("BLOCK_T", "BLOCK_N", "BLOCK_M"),
 )
 @triton.heuristics({"NUM_GROUPS": alpha_groups_heuristic})
@@ -101,6 +106,7 @@ DX_INTERPRETER_CONFIG = _dx_config(16, 16, 16, 4, 1, group=2)
 def _spp_dx_kernel(
     dy_ptr,
     w_ptr,
+    meta_ptr,
     alpha_ptr,
     beta_ptr,
     dx_ptr,
@@ -112,6 +118,7 @@ def _spp_dx_kernel(
     stride_dym,
     stride_wm,
     stride_wn,
+    stride_meta,
     stride_ar,
     stride_an,
     stride_beta,
@@ -123,6 +130,8 @@ def _spp_dx_kernel(
     seed,
     tokens_bucket,  # autotuning key only
     DROPOUT: tl.constexpr,
+    NM_N: tl.constexpr,
+    NM_M: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -154,7 +163,9 @@ def _spp_dx_kernel(
             other=0.0,
         )
         w_mask = m_ok[:, None] & n_ok[None, :]
-        w = weight_tile(w_ptr, rows, cols, w_mask, stride_wm, stride_wn)
+        w = frozen_weight_tile(
+            w_ptr, meta_ptr, rows, cols, w_mask, stride_wm, stride_wn, stride_meta, NM_N, NM_M
+        )
         alpha_g = alpha_rows_tile(
             alpha_ptr,
             row_groups(rows, r, m),
@@ -219,7 +230,7 @@ def dalpha_slots(m: int, r: int, block_m: int = DAB_BLOCK_M) -> int:
 @autotune(
     DAB_CONFIGS,
     DAB_INTERPRETER_CONFIG,
-    key=["tokens_bucket", "m", "n", "r", "DROPOUT"],
+    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "NM_N", "NM_M"],
     dot_blocks=("BLOCK_T",),
 )
 @triton.heuristics({"NUM_GROUPS": alpha_groups_heuristic})
@@ -228,6 +239,7 @@ def _spp_dalpha_dbeta_kernel(
     dy_ptr,
     x_ptr,
     w_ptr,
+    meta_ptr,
     alpha_ptr,
     beta_ptr,
     dbeta_part_ptr,
@@ -243,6 +255,7 @@ def _spp_dalpha_dbeta_kernel(
     stride_xn,
     stride_wm,
     stride_wn,
+    stride_meta,
     stride_ar,
     stride_an,
     stride_beta,
@@ -251,6 +264,8 @@ def _spp_dalpha_dbeta_kernel(
     seed,
     tokens_bucket,  # autotuning key only
     DROPOUT: tl.constexpr,
+    NM_N: tl.constexpr,
+    NM_M: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -285,7 +300,9 @@ def _spp_dalpha_dbeta_kernel(
 
     # Epilogue: P = scale/(1-p) * W * G, contracted with alpha[g(o)] (dbeta) and beta (dalpha).
     w_mask = m_ok[:, None] & n_ok[None, :]
-    w = weight_tile(w_ptr, rows, cols, w_mask, stride_wm, stride_wn).to(tl.float32)
+    w = frozen_weight_tile(
+        w_ptr, meta_ptr, rows, cols, w_mask, stride_wm, stride_wn, stride_meta, NM_N, NM_M
+    ).to(tl.float32)
     groups = row_groups(rows, r, m)
     first_group = (pid_m.to(tl.int64) * BLOCK_M * r) // m
     alpha_g = alpha_rows_tile(
@@ -343,15 +360,20 @@ def spp_linear_dx(
     dropout_p: float,
     seed: int,
     out: torch.Tensor | None = None,
+    *,
+    meta: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """dX (tokens, n) in dy's dtype for dy (tokens, m), weight (m, n), alpha (r, n), beta (m,).
 
     `out` (tokens, n), dy's dtype, any strides: written instead of a new tensor.
+    meta/nm: `weight` is N:M packed, as in spp_linear_forward.
     """
-    check_operands(weight, alpha, beta, dy=dy)
+    dense_like, meta_arg, stride_meta, nm_n, nm_m = frozen_weight_args(weight, meta, nm)
+    check_operands(dense_like, alpha, beta, dy=dy)
     check_dropout(dropout_p)
     tokens, m = dy.shape
-    n, r = weight.shape[1], alpha.shape[0]
+    n, r = dense_like.shape[1], alpha.shape[0]
     if out is None:
         out = torch.empty((tokens, n), dtype=dy.dtype, device=dy.device)
     else:
@@ -366,6 +388,7 @@ def spp_linear_dx(
     _spp_dx_kernel[grid](
         dy,
         weight,
+        meta_arg,
         alpha,
         beta,
         out,
@@ -377,6 +400,7 @@ def spp_linear_dx(
         dy.stride(1),
         weight.stride(0),
         weight.stride(1),
+        stride_meta,
         alpha.stride(0),
         alpha.stride(1),
         beta.stride(0),
@@ -388,6 +412,8 @@ def spp_linear_dx(
         int(seed),
         tokens_bucket(tokens),
         DROPOUT=dropout_p > 0.0,
+        NM_N=nm_n,
+        NM_M=nm_m,
         UPCAST=upcast,
         PRECISION=precision,
     )
@@ -403,16 +429,21 @@ def spp_linear_dalpha_dbeta(
     scale: float,
     dropout_p: float,
     seed: int,
+    *,
+    meta: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dalpha (r, n) in alpha's dtype, dbeta (m,) float32) for dy (tokens, m), x (tokens, n).
 
     dbeta comes back in float32 (the host sum of the per-column-tile partials); the caller
     casts it to beta's dtype. Workspace: (cdiv(n, 128), m) + (cdiv(m, 128), SLOTS, n) fp32.
+    meta/nm: `weight` is N:M packed, as in spp_linear_forward.
     """
-    check_operands(weight, alpha, beta, x=x, dy=dy)
+    dense_like, meta_arg, stride_meta, nm_n, nm_m = frozen_weight_args(weight, meta, nm)
+    check_operands(dense_like, alpha, beta, x=x, dy=dy)
     check_dropout(dropout_p)
     tokens, m = dy.shape
-    n, r = weight.shape[1], alpha.shape[0]
+    n, r = dense_like.shape[1], alpha.shape[0]
     slots = dalpha_slots(m, r)
     m_tiles, n_tiles = triton.cdiv(m, DAB_BLOCK_M), triton.cdiv(n, DAB_BLOCK_N)
     dbeta_part = torch.empty((n_tiles, m), dtype=torch.float32, device=dy.device)
@@ -425,6 +456,7 @@ def spp_linear_dalpha_dbeta(
         dy,
         x,
         weight,
+        meta_arg,
         alpha,
         beta,
         dbeta_part,
@@ -440,6 +472,7 @@ def spp_linear_dalpha_dbeta(
         x.stride(1),
         weight.stride(0),
         weight.stride(1),
+        stride_meta,
         alpha.stride(0),
         alpha.stride(1),
         beta.stride(0),
@@ -448,6 +481,8 @@ def spp_linear_dalpha_dbeta(
         int(seed),
         tokens_bucket(tokens),
         DROPOUT=dropout_p > 0.0,
+        NM_N=nm_n,
+        NM_M=nm_m,
         UPCAST=upcast,
         PRECISION=precision,
         BLOCK_M=DAB_BLOCK_M,

@@ -32,6 +32,11 @@ registers is the first MMA operand, which Hopper's wgmma reads straight from reg
 Epilogue: Y = acc (+ s/(1-p) * beta[o] * acc_ad) + bias[o], accumulators in float32, one
 store in X's dtype. Programs are launched in grouped order so a W panel is reused from L2.
 
+N:M packed weights (constexpr NM_M > 0): W arrives as values (m, n/M*N) and int32
+metadata (spp_kernels.nm's format) and each W tile is decoded in registers by
+_tiles.frozen_weight_tile; everything after the tile load is the same code, so packed
+and dense weights give the same results, and W's global traffic drops to the packed bytes.
+
 Never written to memory: Repeat(alpha), W', W_eff, W * alpha, X * alpha (for any of the
 r blocks), the dropout mask or Dropout(X). The only global writes are Y's elements.
 """
@@ -49,17 +54,18 @@ from ._launch import (
     check_operands,
     check_out,
     dot_flags,
+    frozen_weight_args,
     tokens_bucket,
 )
 from ._tiles import (
     alpha_rows_tile,
     alpha_scaled_tile,
     effective_tile,
+    frozen_weight_tile,
     grouped_tile,
     keep_tile,
     mma,
     row_groups,
-    weight_tile,
 )
 
 
@@ -86,7 +92,7 @@ FORWARD_INTERPRETER_CONFIG = _config(16, 16, 16, 4, 1, group=2)
 @autotune(
     FORWARD_CONFIGS,
     FORWARD_INTERPRETER_CONFIG,
-    key=["tokens_bucket", "m", "n", "r", "DROPOUT"],
+    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "NM_N", "NM_M"],
     dot_blocks=("BLOCK_T", "BLOCK_M", "BLOCK_K"),
 )
 @triton.heuristics({"NUM_GROUPS": alpha_groups_heuristic})
@@ -94,6 +100,7 @@ FORWARD_INTERPRETER_CONFIG = _config(16, 16, 16, 4, 1, group=2)
 def _spp_forward_kernel(
     x_ptr,
     w_ptr,
+    meta_ptr,
     alpha_ptr,
     beta_ptr,
     bias_ptr,
@@ -106,6 +113,7 @@ def _spp_forward_kernel(
     stride_xn,
     stride_wm,
     stride_wn,
+    stride_meta,
     stride_ar,
     stride_an,
     stride_beta,
@@ -119,6 +127,8 @@ def _spp_forward_kernel(
     tokens_bucket,  # autotuning key only
     HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
+    NM_N: tl.constexpr,
+    NM_M: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -154,7 +164,9 @@ def _spp_forward_kernel(
             other=0.0,
         )
         w_mask = m_ok[:, None] & k_ok[None, :]
-        w = weight_tile(w_ptr, offs_m, cols, w_mask, stride_wm, stride_wn)
+        w = frozen_weight_tile(
+            w_ptr, meta_ptr, offs_m, cols, w_mask, stride_wm, stride_wn, stride_meta, NM_N, NM_M
+        )
         alpha_g = alpha_rows_tile(
             alpha_ptr, groups, first_group, m_ok, cols, k_ok, r, stride_ar, stride_an, NUM_GROUPS
         )
@@ -189,16 +201,22 @@ def spp_linear_forward(
     dropout_p: float,
     seed: int,
     out: torch.Tensor | None = None,
+    *,
+    meta: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Y (tokens, m) in x's dtype for x (tokens, n) with any strides, weight (m, n),
     alpha (r, n), beta (m,), bias (m,) or None; see the module docstring for the math.
 
     `out` (tokens, m), x's dtype, any strides: written instead of a new tensor.
+    N:M packed weight: `weight` = values (m, n // M * N), `meta` its int32 metadata and
+    nm = (N, M) (spp_kernels.nm's format); tiles are decoded in registers, never densified.
     """
-    check_operands(weight, alpha, beta, x=x, bias=bias)
+    dense_like, meta_arg, stride_meta, nm_n, nm_m = frozen_weight_args(weight, meta, nm)
+    check_operands(dense_like, alpha, beta, x=x, bias=bias)
     check_dropout(dropout_p)
     tokens, n = x.shape
-    m, r = weight.shape[0], alpha.shape[0]
+    m, r = dense_like.shape[0], alpha.shape[0]
     if out is None:
         out = torch.empty((tokens, m), dtype=x.dtype, device=x.device)
     else:
@@ -213,6 +231,7 @@ def spp_linear_forward(
     _spp_forward_kernel[grid](
         x,
         weight,
+        meta_arg,
         alpha,
         beta,
         bias if bias is not None else beta,  # never read when HAS_BIAS is False
@@ -225,6 +244,7 @@ def spp_linear_forward(
         x.stride(1),
         weight.stride(0),
         weight.stride(1),
+        stride_meta,
         alpha.stride(0),
         alpha.stride(1),
         beta.stride(0),
@@ -238,6 +258,8 @@ def spp_linear_forward(
         tokens_bucket(tokens),
         HAS_BIAS=bias is not None,
         DROPOUT=dropout_p > 0.0,
+        NM_N=nm_n,
+        NM_M=nm_m,
         UPCAST=upcast,
         PRECISION=precision,
     )

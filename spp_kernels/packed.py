@@ -9,8 +9,9 @@ the format): values (m, n // M * N) in W's dtype and int32 position metadata. A 
 weight then takes 56.25 % of its dense bytes, a 2:8 one about 30 %.
 
 Backends:
-  "triton": csrc_triton/spp_nm.py; every kernel expands the (BLOCK, BLOCK) weight tiles it
-            needs in registers, so no dense (m, n) copy of W is ever allocated.
+  "triton": the fused kernels of csrc_triton/ (spp_kernels.triton_backend with the packed
+            metadata): every kernel expands the weight tiles it needs in registers
+            (_tiles.frozen_weight_tile), so no dense (m, n) copy of W is ever allocated.
   "torch":  decompresses W with `nm_decompress` (an (m, n) temporary per call) and runs
             spp_kernels.torch_backend: the CPU path, the float64 path, the oracle.
   "auto":   triton for CUDA tensors, torch otherwise (as for spp_linear).
@@ -21,7 +22,6 @@ torch.compile sees one node per call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
@@ -121,14 +121,6 @@ def packed_fraction(n_keep: int, m_group: int, dtype: torch.dtype = torch.float1
     return nm_packed_nbytes(1, cols, n_keep, m_group, dtype) / (cols * itemsize)
 
 
-def _impl(backend: str) -> ModuleType | None:
-    if backend == "triton":
-        from csrc_triton import spp_nm
-
-        return spp_nm
-    return None
-
-
 @torch.library.custom_op("spp_kernels::spp_linear_nm_fwd", mutates_args=())
 def spp_linear_nm_fwd(
     x: Tensor,
@@ -145,10 +137,20 @@ def spp_linear_nm_fwd(
     backend: str,
 ) -> Tensor:
     """Y (tokens, m) for 2-D x (tokens, n) and a packed W; `backend` already resolved."""
-    kernels = _impl(backend)
-    if kernels is not None:
-        return kernels.nm_forward(
-            x, values, meta, alpha, beta, bias, n_keep, m_group, scale, dropout_p, int(seed)
+    if backend == "triton":
+        from . import triton_backend
+
+        return triton_backend.forward(
+            x,
+            values,
+            alpha,
+            beta,
+            bias,
+            scale,
+            dropout_p,
+            int(seed),
+            meta=meta,
+            nm=(n_keep, m_group),
         )
     weight = nm_decompress(values, meta, n_keep, m_group, x.shape[1])
     return torch_backend.forward(x, weight, alpha, beta, bias, scale, dropout_p, int(seed))
@@ -177,10 +179,12 @@ def spp_linear_nm_bwd(
     need_dalpha_dbeta: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dalpha, dbeta); an empty tensor stands for a gradient that was not requested."""
-    kernels = _impl(backend)
     args = (scale, dropout_p, int(seed), need_dx, need_dalpha_dbeta)
-    if kernels is not None:
-        grads = kernels.nm_backward(dy, x, values, meta, alpha, beta, n_keep, m_group, *args)
+    if backend == "triton":
+        from . import triton_backend
+
+        nm = (n_keep, m_group)
+        grads = triton_backend.backward(dy, x, values, alpha, beta, *args, meta=meta, nm=nm)
     else:
         weight = nm_decompress(values, meta, n_keep, m_group, x.shape[1])
         grads = torch_backend.backward(dy, x, weight, alpha, beta, *args)

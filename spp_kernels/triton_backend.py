@@ -4,6 +4,8 @@ Same functions, calling convention and math as spp_kernels.torch_backend (the or
 2-D inputs X (tokens, n) with any strides, W (m, n), alpha (r, n), beta (m,). This module
 only allocates outputs and applies dtype rules; the kernels check shapes, strides and
 devices. Supported: x/weight float32, float16, bfloat16; alpha/beta x's dtype or float32.
+With `meta` and `nm` = (N, M) the weight argument is an N:M packed weight's values
+(spp_kernels.nm's format) and the kernels decode its tiles in registers.
 """
 
 from __future__ import annotations
@@ -25,9 +27,14 @@ def forward(
     scale: float,
     dropout_p: float,
     seed: int,
+    *,
+    meta: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Y (tokens, m) in x's dtype: X W^T + scale * Dropout(X) W'^T + bias, fused."""
-    return spp_linear_forward(x, weight, alpha, beta, bias, scale, dropout_p, seed)
+    return spp_linear_forward(
+        x, weight, alpha, beta, bias, scale, dropout_p, seed, meta=meta, nm=nm
+    )
 
 
 def backward(
@@ -41,6 +48,9 @@ def backward(
     seed: int,
     need_dx: bool = True,
     need_dalpha_dbeta: bool = True,
+    *,
+    meta: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dX in x's dtype, dalpha in alpha's dtype, dbeta in beta's dtype); None where not needed.
 
@@ -51,8 +61,10 @@ def backward(
         dy = dy.to(x.dtype)
     dx = dalpha = dbeta = None
     if need_dx:
-        dx = spp_linear_dx(dy, weight, alpha, beta, scale, dropout_p, seed)
+        dx = spp_linear_dx(dy, weight, alpha, beta, scale, dropout_p, seed, meta=meta, nm=nm)
     if need_dalpha_dbeta:
-        dalpha, dbeta = spp_linear_dalpha_dbeta(dy, x, weight, alpha, beta, scale, dropout_p, seed)
+        dalpha, dbeta = spp_linear_dalpha_dbeta(
+            dy, x, weight, alpha, beta, scale, dropout_p, seed, meta=meta, nm=nm
+        )
         dbeta = dbeta.to(beta.dtype)
     return dx, dalpha, dbeta

@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import HAS_CUDA, make_tiny_llama
 from torch import nn
 
 from spp_kernels import SPPConfig, SPPLinear, get_spp_model
@@ -23,6 +23,7 @@ from spp_kernels.pruning.masks import nm_mask
 # The Triton 3.6 interpreter turns 1-element loop bounds into ints via a deprecated numpy path.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
+DEVICE = "cuda" if HAS_CUDA else "cpu"  # the Triton path: GPU, or CPU under the interpreter
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOL = {torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -136,15 +137,17 @@ def test_packed_triton_layer_matches_dense_layer(n_keep, m_group, dtype):
     lin = nm_linear(n=64, m=37, n_keep=n_keep, m_group=m_group, dtype=dtype)
     dense, packed = layer_pair(lin, "torch", dropout=0.1)
     packed.backend = "triton"
+    packed.to(DEVICE)
     x = torch.randn(2, 9, 64, dtype=dtype)  # 18 tokens: ragged against every block size
     dy = torch.randn(2, 9, 37, dtype=dtype)
     results = []
     for layer in (dense.double(), packed):
-        xi = x.to(layer.alpha.dtype).clone().requires_grad_()
+        device = layer.alpha.device
+        xi = x.to(device, layer.alpha.dtype).requires_grad_()
         torch.manual_seed(11)
         y = layer(xi)
-        y.backward(dy.to(y.dtype))
-        results.append((y, xi.grad, layer.alpha.grad, layer.beta.grad))
+        y.backward(dy.to(device, y.dtype))
+        results.append([t.cpu() for t in (y, xi.grad, layer.alpha.grad, layer.beta.grad)])
     (y64, dx64, da64, db64), (y, dx, da, db) = results
     assert y.dtype == dtype and dx.dtype == dtype and da.dtype == dtype
     for out, ref in ((y, y64), (dx, dx64), (da, da64), (db, db64)):
@@ -209,10 +212,15 @@ def test_frozen_weight_bytes_at_expected_fraction(n_keep, m_group, n, fraction):
 
 
 def _allocation_sizes(fn) -> list[int]:
-    """Bytes of every allocation torch's CPU allocator makes while fn() runs (custom ops too)."""
+    """Bytes of every allocation torch's allocator makes on DEVICE while fn() runs, at any
+    depth (inside the custom ops and launchers too)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
+    if HAS_CUDA:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         fn()
+    if HAS_CUDA:
+        return [e.cuda_memory_usage for e in prof.events() if e.cuda_memory_usage > 0]
     return [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
 
 
@@ -221,12 +229,14 @@ def test_packed_triton_path_allocates_no_dense_weight(dropout):
     m, n = 48, 64
     layer = SPPLinear.from_linear(
         nm_linear(n=n, m=m), r=4, dropout=dropout, init="both_random", weight_format="nm"
-    )
-    x = torch.randn(10, n, requires_grad=True)
+    ).to(DEVICE)
+    x = torch.randn(10, n, device=DEVICE, requires_grad=True)
     dense_bytes = m * n * 4
 
     def step(backend):
         layer.backend = backend
+        if HAS_CUDA:  # compilation and autotuning (whose benchmarks allocate) happen here
+            layer(x).sum().backward()
         layer.alpha.grad = layer.beta.grad = x.grad = None
         return _allocation_sizes(lambda: layer(x).sum().backward())
 
@@ -284,10 +294,11 @@ def test_get_spp_model_auto_packs_pruned_llama_and_matches_dense():
 def test_packed_op_registration_passes_opcheck(backend):
     from spp_kernels.packed import spp_linear_nm_fwd
 
-    packed = PackedWeight.from_dense(nm_linear(n=32, m=12).weight.detach(), 2, 4)
-    x = torch.randn(5, 32, requires_grad=True)
-    alpha = torch.randn(3, 32, requires_grad=True)
-    beta = torch.randn(12, requires_grad=True)
+    device = DEVICE if backend == "triton" else "cpu"
+    packed = PackedWeight.from_dense(nm_linear(n=32, m=12).weight.detach().to(device), 2, 4)
+    x = torch.randn(5, 32, device=device, requires_grad=True)
+    alpha = torch.randn(3, 32, device=device, requires_grad=True)
+    beta = torch.randn(12, device=device, requires_grad=True)
     args = (x, packed.values, packed.meta, alpha, beta, None, 2, 4, 2.0, 0.1, torch.tensor(7))
     torch.library.opcheck(spp_linear_nm_fwd, (*args, backend))
 

@@ -412,6 +412,8 @@ def compile_kernel(kernel, consts, config):
     while not isinstance(kernel, triton.runtime.jit.JITFunction):
         kernel = kernel.fn  # unwrap autotune / heuristics
     consts = dict(consts, **{k: 1 for k in UNIT if k in kernel.arg_names})
+    if "NM_M" in kernel.arg_names:  # dense weights; packed N:M ones: tests/test_nm_kernels.py
+        consts = {"NM_N": 0, "NM_M": 0, **consts}
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in consts:
