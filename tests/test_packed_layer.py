@@ -312,3 +312,23 @@ def test_packed_layer_compiles_without_graph_breaks():
     y = compiled(x)
     y.sum().backward()
     assert y.shape == (4, 37) and layer.alpha.grad is not None
+
+
+def test_benchmark_accounting_rows():
+    """benchmarks/bench_nm's exact byte accounting: shared row schema and the issue's numbers."""
+    from benchmarks import bench_nm, common
+
+    rows = bench_nm.weight_bytes_rows()
+    assert all(tuple(row) == common.ROW_KEYS and row["unit"] == "MB" for row in rows)
+    projections = [row for row in rows if row["kernel"] == "nm_weight_bytes"]
+    by_provider = {row["provider"]: row["extra"]["fraction"] for row in projections}
+    assert by_provider["dense"] == 1.0 and by_provider["nm-2:4"] == 0.5625
+    assert 0.29 < by_provider["nm-2:8"] < 0.31
+    models = {
+        (row["extra"]["model"], row["provider"]): row["extra"]["total_gb"]
+        for row in rows
+        if row["kernel"] == "nm_model_weights"
+    }
+    # LLaMA-2-70B in fp16: ~138 GB dense, ~78 GB with 2:4-packed projections.
+    assert models[("llama-2-70b", "dense")] == pytest.approx(138.0, abs=0.5)
+    assert models[("llama-2-70b", "nm-2:4")] == pytest.approx(78.1, abs=0.5)
