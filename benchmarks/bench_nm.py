@@ -347,7 +347,10 @@ def model_step_rows(quick: bool, device: str) -> list[dict[str, Any]]:
                 common.release_memory(device)
                 spp = _spp_model(dims, layers, pattern, fmt, device)
                 common.release_memory(device)
-                resident = torch.cuda.memory_allocated(device)
+                if device.startswith("cuda"):
+                    resident = torch.cuda.memory_allocated(device)
+                else:  # only reached in smoke runs: CPU rows stop at the accounting
+                    resident = _module_bytes(spp)
                 ids = torch.randint(0, dims["vocab_size"], (1, tokens), device=device)
 
                 def step(spp=spp, ids=ids):
