@@ -173,16 +173,21 @@ class SPPLinear(nn.Module):
             layer.register_buffer("weight_meta", packed.meta)
             layer.weight_format, layer.nm = "nm", pattern
         if weight_format != "dense":
-            logger.info(
-                "SPPLinear.from_linear: %s frozen (%d, %d) %s weight%s",
-                "packed" if packed else "kept dense the",
-                *w.shape,
-                w.dtype,
-                f" as {pattern[0]}:{pattern[1]}, {packed.nbytes / (w.numel() * w.element_size()):.1%}"
-                " of its dense bytes"
-                if packed
-                else " (not N:M sparse, or packing saves no bytes)",
-            )
+            shape = f"{tuple(w.shape)} {w.dtype} weight"
+            if packed is None:
+                logger.info(
+                    "SPPLinear.from_linear: kept the %s dense (not N:M sparse, or packing "
+                    "saves no bytes)",
+                    shape,
+                )
+            else:
+                fraction = packed.nbytes / (w.numel() * w.element_size())
+                logger.info(
+                    "SPPLinear.from_linear: packed the %s as %d:%d, %.1f%% of its dense bytes",
+                    shape,
+                    *pattern,
+                    100 * fraction,
+                )
         layer.bias = (
             None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
         )

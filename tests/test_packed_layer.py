@@ -91,7 +91,7 @@ def test_auto_packs_sparsest_pattern_and_keeps_others_dense(caplog):
     assert packed.weight_format == "nm" and packed.nm == (2, 8)
     assert dense.weight_format == "dense" and dense.nm is None
     assert dense.weight.data_ptr() == unstructured.weight.data_ptr()
-    assert "as 2:8" in caplog.text and "kept dense" in caplog.text
+    assert "as 2:8" in caplog.text and "dense (not N:M sparse" in caplog.text
     # An explicit pattern: honoured when it holds, dense under "auto" when it does not.
     assert SPPLinear.from_linear(nm_linear(), r=2, weight_format="auto", nm=(4, 8)).nm == (4, 8)
     assert SPPLinear.from_linear(nm_linear(), r=2, weight_format="auto", nm=(1, 4)).nm is None
