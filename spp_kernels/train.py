@@ -169,15 +169,17 @@ class _StopFlag:
     """SIGINT handler for the duration of training: the first Ctrl-C asks for a checkpoint
     and a clean stop after the current step; a second one aborts at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, saves: bool) -> None:
         self.requested = False
+        self.saves = saves
         self._previous: Any = None
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+        what = "saving a checkpoint and stopping" if self.saves else "stopping training"
+        log.warning("interrupt: %s after this step (Ctrl-C again to abort)", what)
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -329,6 +331,37 @@ def _check_fingerprint(saved: dict[str, Any], now: dict[str, Any], where: Path) 
             )
 
 
+def _accumulate_gradients(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    batches: list[dict[str, torch.Tensor]],
+    config: TrainConfig,
+    first_micro: int,
+    device: torch.device,
+) -> float:
+    """Backward of one optimizer step's token-weighted loss over its micro-batches."""
+    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    step_loss = 0.0
+    for k, batch in enumerate(batches):
+        # Re-seeding per micro-batch makes dropout a function of the position in the run,
+        # which is what lets a resumed run match an uninterrupted one bitwise.
+        torch.manual_seed(config.seed * 1_000_003 + first_micro + k)
+        inputs = {
+            "input_ids": batch["input_ids"].to(device),
+            "attention_mask": batch["attention_mask"].to(device),
+        }
+        logits = model(**inputs).logits
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(**inputs).logits
+        loss_sum, _ = token_loss(logits, batch["labels"].to(device), teacher_logits, config)
+        loss = loss_sum / max(1, n_tokens)
+        loss.backward()
+        step_loss += float(loss.detach())
+    return step_loss
+
+
 def train(
     model: nn.Module,
     examples: list[Example],
@@ -402,65 +435,56 @@ def train(
     model.train()
     if teacher is not None:
         teacher.eval()
+    # A KV cache is useless in training and costs memory and copies in every forward.
+    configs = [getattr(m, "config", None) for m in (model, teacher) if m is not None]
+    caches = [(c, c.use_cache) for c in configs if getattr(c, "use_cache", False)]
+    for c, _ in caches:
+        c.use_cache = False
     start = time.perf_counter()
     tokens_at_start = result.tokens
     bar = tqdm(total=total, initial=result.step, desc="train", unit="step", disable=not progress)
     last_saved = result.step
-    with _StopFlag() as stop:
-        while result.step < total:
-            step = result.step
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, total, config.warmup_ratio)
-            micro = plan[step * config.grad_accum : (step + 1) * config.grad_accum]
-            batches = [collate([examples[i] for i in idx], pad_id) for _, idx in micro]
-            n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for k, batch in enumerate(batches):
-                # Re-seeding per micro-batch makes dropout a function of the position in the
-                # run, which is what lets a resumed run match an uninterrupted one bitwise.
-                torch.manual_seed(config.seed * 1_000_003 + step * config.grad_accum + k)
-                batch = {name: t.to(device) for name, t in batch.items()}
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(
-                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                        ).logits
-                loss_sum, _ = token_loss(logits, batch["labels"], teacher_logits, config)
-                loss = loss_sum / max(1, n_tokens)
-                loss.backward()
-                step_loss += float(loss.detach())
-                del logits, teacher_logits, loss_sum, loss
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm)
-            optimizer.step()
-            result.step += 1
-            result.tokens += int(sum(int(b["attention_mask"].sum()) for b in batches))
-            result.losses.append(step_loss)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(
-                loss=f"{step_loss:.4f}",
-                lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                tok_s=f"{(result.tokens - tokens_at_start) / max(elapsed, 1e-9):.0f}",
-            )
-            bar.update(1)
-            asked = bool(callback(result.step, step_loss)) if callback is not None else False
-            stopping = (
-                asked
-                or stop.requested
-                or (config.stop_after is not None and result.step >= config.stop_after)
-            )
-            if stopping or result.step % config.save_every == 0 or result.step == total:
-                checkpoint()
-                last_saved = result.step
-            if stopping and result.step < total:
-                result.interrupted = True
-                break
-    bar.close()
+    try:
+        with _StopFlag(saves=out_dir is not None) as stop:
+            while result.step < total:
+                step = result.step
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * lr_factor(step, total, config.warmup_ratio)
+                micro = plan[step * config.grad_accum : (step + 1) * config.grad_accum]
+                batches = [collate([examples[i] for i in idx], pad_id) for _, idx in micro]
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = _accumulate_gradients(
+                    model, teacher, batches, config, step * config.grad_accum, device
+                )
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm)
+                optimizer.step()
+                result.step += 1
+                result.tokens += int(sum(int(b["attention_mask"].sum()) for b in batches))
+                result.losses.append(step_loss)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(
+                    loss=f"{step_loss:.4f}",
+                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                    tok_s=f"{(result.tokens - tokens_at_start) / max(elapsed, 1e-9):.0f}",
+                )
+                bar.update(1)
+                asked = bool(callback(result.step, step_loss)) if callback is not None else False
+                stopping = (
+                    asked
+                    or stop.requested
+                    or (config.stop_after is not None and result.step >= config.stop_after)
+                )
+                if stopping or result.step % config.save_every == 0 or result.step == total:
+                    checkpoint()
+                    last_saved = result.step
+                if stopping and result.step < total:
+                    result.interrupted = True
+                    break
+    finally:
+        bar.close()
+        for c, value in caches:
+            c.use_cache = value
     if result.step != last_saved:
         checkpoint()
     model.eval()
