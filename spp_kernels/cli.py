@@ -347,6 +347,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         prepare_out_dir(out, args.force)
     spp_config = _spp_config_from_args(args)
+    if not args.resume and args.force:
+        from .train import checkpoint_root
+
+        # A fresh run must never resume from (or be confused with) an older run's state.
+        shutil.rmtree(checkpoint_root(out), ignore_errors=True)
     config = _train_config_from_args(args)
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32

@@ -273,7 +273,18 @@ def _speed_check(model: Any, vocab: int, device: str) -> dict[str, Any]:
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
-    """Run every phase and return the measurements (see the module docstring)."""
+    """Run every phase and return the measurements (see the module docstring).
+
+    torch's thread count (which the CPU probe may change) is restored on return.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _run_demo(options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(options: DemoOptions) -> dict[str, Any]:
     from .data import Example
     from .evaluate import perplexity
     from .model import SPPConfig, get_spp_model

@@ -225,6 +225,6 @@ def test_demo_quick(capsys):
     for key in ("dense_ppl", "pruned_ppl", "spp_ppl", "sparsity", "sparsity_preserved",
                 "trainable_params", "seconds"):  # fmt: skip
         assert key in result
-    assert result["sparsity"] == pytest.approx(0.5)
+    assert result["sparsity"] == pytest.approx(0.5, abs=1e-4)  # Q4_1 weights hold a few zeros
     assert result["sparsity_preserved"] is True
     assert result["dense_ppl"] < result["spp_ppl"] < result["pruned_ppl"]
