@@ -295,42 +295,46 @@ def builtin_calibration(tokenizer: Any, model_path: Any) -> Any:
     return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)
 
 
+def _config(factory: Callable[..., Any], **kwargs: Any) -> Any:
+    """factory(**kwargs), with its ValueError (a bad option value) as a UserError."""
+    try:
+        return factory(**kwargs)
+    except ValueError as e:
+        raise UserError(_first_line(e)) from None
+
+
 def _spp_config_from_args(args: argparse.Namespace) -> Any:
     from .model import SPPConfig
 
-    try:
-        return SPPConfig(
-            r=args.r,
-            scale=args.scale,
-            dropout=args.dropout,
-            init=args.init,
-            backend=args.backend,
-            adapter_dtype="float32" if args.bf16 else None,
-        )
-    except ValueError as e:
-        raise UserError(_first_line(e)) from None
+    return _config(
+        SPPConfig,
+        r=args.r,
+        scale=args.scale,
+        dropout=args.dropout,
+        init=args.init,
+        backend=args.backend,
+        adapter_dtype="float32" if args.bf16 else None,
+    )
 
 
 def _train_config_from_args(args: argparse.Namespace) -> Any:
     from .train import TrainConfig
 
-    try:
-        return TrainConfig(
-            lr=args.lr,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
-            warmup_ratio=args.warmup_ratio,
-            weight_decay=args.weight_decay,
-            max_steps=args.max_steps,
-            seed=args.seed,
-            kd_weight=args.kd_weight,
-            kd_temperature=args.kd_temperature,
-            save_every=args.save_every,
-            stop_after=args.stop_after,
-        )
-    except ValueError as e:
-        raise UserError(_first_line(e)) from None
+    return _config(
+        TrainConfig,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        kd_weight=args.kd_weight,
+        kd_temperature=args.kd_temperature,
+        save_every=args.save_every,
+        stop_after=args.stop_after,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -225,20 +225,6 @@ def _stream(sequences: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
 
 
-def _targets(model: Any) -> dict[str, Any]:
-    from .model import SPPConfig, find_targets
-
-    return find_targets(model, SPPConfig())
-
-
-def _zero_masks(model: Any) -> dict[str, torch.Tensor]:
-    return {n: (m.weight.detach() == 0).cpu() for n, m in _targets(model).items()}
-
-
-def _zero_fraction(masks: dict[str, torch.Tensor]) -> float:
-    return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
-
-
 def _speed_check(model: Any, vocab: int, device: str) -> dict[str, Any]:
     """Median forward time of the merged model, dense vs 2:4 semi-structured (GPU only)."""
     from .sparse24 import to_semi_structured
@@ -285,6 +271,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
 
 def _run_demo(options: DemoOptions) -> dict[str, Any]:
+    from .cli import sparsity_of, zero_masks
     from .data import Example
     from .evaluate import perplexity
     from .model import SPPConfig, get_spp_model
@@ -359,7 +346,7 @@ def _run_demo(options: DemoOptions) -> dict[str, Any]:
     nsamples = max(1, min(32, calib.numel() // sizes.calib_seqlen))
     calib = calib[: nsamples * sizes.calib_seqlen].reshape(nsamples, sizes.calib_seqlen)
     prune(model, "wanda", "2:4", calibration=calib, nsamples=nsamples, progress=options.progress)
-    masks = _zero_masks(model)
+    masks = zero_masks(model)
     phase("prune", t0)
 
     t0 = time.perf_counter()
@@ -413,7 +400,7 @@ def _run_demo(options: DemoOptions) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     merged = spp.merge_and_unload()
-    after = _zero_masks(merged)
+    after = zero_masks(merged)
     preserved = all(bool(torch.equal(masks[n], after[n])) for n in masks)
     phase("merge", t0)
 
@@ -451,7 +438,7 @@ def _run_demo(options: DemoOptions) -> dict[str, Any]:
         "dense_ppl": dense_ppl,
         "pruned_ppl": pruned_ppl,
         "spp_ppl": spp_ppl,
-        "sparsity": _zero_fraction(after),
+        "sparsity": sparsity_of(after),
         "sparsity_pattern": "2:4 (Wanda)",
         "sparsity_preserved": preserved,
         "trainable_params": count.trainable,
