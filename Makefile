@@ -30,6 +30,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks --quick
+	$(PY) -m pytest benchmarks/test_micro.py -q -p no:cacheprovider --benchmark-only \
+		--benchmark-min-rounds=5 --benchmark-max-time=0.05 --benchmark-columns=min,median,max,rounds
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -738,11 +738,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(quiet: bool) -> None:
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at emit time (it may be swapped by a caller)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _setup_logging(quiet: bool) -> tuple:
+    """Route `spp_kernels` logs to stderr; returns the previous state for `_restore_logging`."""
     level = logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     root = logging.getLogger("spp_kernels")
+    saved = (list(root.handlers), root.level, root.propagate)
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
@@ -754,6 +771,16 @@ def _setup_logging(quiet: bool) -> None:
             hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
+    return saved
+
+
+def _restore_logging(saved: tuple) -> None:
+    # main() can be called in-process (tests, notebooks): leave the caller's logging as it was.
+    root = logging.getLogger("spp_kernels")
+    handlers, level, propagate = saved
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    root.propagate = propagate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -762,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet)
+    saved_logging = _setup_logging(args.quiet)
     if args.threads is not None:
         import torch
 
@@ -780,3 +807,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spp {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _restore_logging(saved_logging)

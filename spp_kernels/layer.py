@@ -197,7 +197,7 @@ class SPPLinear(nn.Module):
         )
         layer.beta = nn.Parameter(torch.empty(linear.out_features, device=w.device, dtype=adapter))
         layer.reset_adapter(init)
-        return layer
+        return layer.train(linear.training)
 
     def packed_weight(self) -> PackedWeight:
         """The frozen weight as a PackedWeight (views of the buffers); only when packed."""
@@ -273,7 +273,7 @@ class SPPLinear(nn.Module):
         )
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
-        return linear
+        return linear.train(self.training)
 
     def sparsity(self) -> float:
         """Fraction of exact zeros in the frozen weight."""

@@ -103,3 +103,11 @@ def test_fp32_adapters_on_bf16_weight():
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16
     assert layer.alpha.grad.dtype == torch.float32 and layer.beta.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_from_linear_and_merge_keep_training_mode(training):
+    lin = nn.Linear(32, 8).train(training)
+    layer = SPPLinear.from_linear(lin, r=2)
+    assert layer.training is training
+    assert layer.merge().training is training

@@ -332,3 +332,14 @@ def test_benchmark_accounting_rows():
     # LLaMA-2-70B in fp16: ~138 GB dense, ~78 GB with 2:4-packed projections.
     assert models[("llama-2-70b", "dense")] == pytest.approx(138.0, abs=0.5)
     assert models[("llama-2-70b", "nm-2:4")] == pytest.approx(78.1, abs=0.5)
+
+
+def test_sparsity_report_reads_packed_layers():
+    from spp_kernels.pruning import sparsity_report
+
+    model = nn.Sequential(SPPLinear.from_linear(nm_linear(), r=2, weight_format="nm"))
+    report = sparsity_report(model)
+    (layer,) = report.layers
+    assert layer.shape == (37, 64)
+    assert layer.nonzeros == int(torch.count_nonzero(model[0].dense_weight()))
+    assert (2, 4) in layer.satisfies

@@ -149,7 +149,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         raise ValueError(f"{type(model).__name__} has no linear layers to report on")
     layers = []
     for name, mod in modules:
-        w = mod.weight
+        w = mod.dense_weight() if isinstance(mod, SPPLinear) else mod.weight
         layers.append(
             LayerSparsity(
                 name=name,
