@@ -314,6 +314,7 @@ def _spp_config_from_args(args: argparse.Namespace) -> Any:
         init=args.init,
         backend=args.backend,
         adapter_dtype="float32" if args.bf16 else None,
+        weight_format=args.weight_format,
     )
 
 
@@ -687,6 +688,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (1)")
     p.add_argument("--bf16", action="store_true", help="bf16 frozen weights, fp32 adapters")
     p.add_argument("--backend", default="auto", help="SPP kernels: auto, triton or torch")
+    p.add_argument(
+        "--weight-format",
+        choices=("dense", "nm", "auto"),
+        default="dense",
+        help="frozen weights: dense, nm (packed N:M values + metadata), or auto (pack where "
+        "a layer is N:M sparse and packing saves bytes) (dense)",
+    )
     p.add_argument(
         "--save-every", type=_positive_int, default=200, help="checkpoint every N steps (200)"
     )

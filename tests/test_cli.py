@@ -122,6 +122,18 @@ def test_train_with_teacher_distillation(workdir, tmp_path, capsys):
     assert out["steps"] == 2 and out["final_loss"] >= 0
 
 
+def test_train_on_packed_weights_then_merge(workdir, tmp_path, capsys):
+    out = run_json(capsys, "train", "--model", workdir / "pruned", "--data", workdir / "text.txt",
+                   "--max-steps", "2", "--r", "4", "--weight-format", "nm",
+                   "--out", tmp_path / "nm")  # fmt: skip
+    assert out["steps"] == 2
+    config = json.loads((tmp_path / "nm" / "spp_config.json").read_text())
+    assert config["weight_format"] == "nm"
+    merged = run_json(capsys, "merge", "--model", workdir / "pruned", "--adapter", tmp_path / "nm",
+                      "--out", tmp_path / "merged")  # fmt: skip
+    assert merged["sparsity_preserved"] is True
+
+
 def test_merge_preserves_sparsity_and_eval_agrees(workdir, capsys):
     merged = run_json(capsys, "merge", "--model", workdir / "pruned", "--adapter",
                       workdir / "adapter", "--out", workdir / "merged")  # fmt: skip
