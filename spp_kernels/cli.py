@@ -52,6 +52,16 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def embedded_model_file() -> Path:
+    """Path of the `EMBEDDED` GGUF; a UserError when the demo extra is not installed."""
+    from .demo import DemoUnavailable, default_model_file
+
+    try:
+        return default_model_file()
+    except DemoUnavailable as e:
+        raise UserError(str(e)) from None
+
+
 def load_model(
     path: str | os.PathLike, *, dtype: Any = None, device: str = "cpu"
 ) -> tuple[Any, Any]:
@@ -65,12 +75,7 @@ def load_model(
 
     p = Path(path)
     if str(path) == EMBEDDED:
-        from .demo import DemoUnavailable, default_model_file
-
-        try:
-            p = default_model_file()
-        except DemoUnavailable as e:
-            raise UserError(str(e)) from None
+        p = embedded_model_file()
     if not p.exists():
         raise UserError(f"model {p} not found")
     kwargs: dict[str, Any] = {"local_files_only": True}
@@ -522,9 +527,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks = [t for t in args.tasks.split(",") if t]
         try:
             scores = zero_shot(model, tokenizer, tasks, limit=args.limit)
-        except ImportError as e:
-            raise UserError(_first_line(e)) from None
-        except RuntimeError as e:  # task data missing offline
+        except (ImportError, RuntimeError) as e:  # no eval extra; task data missing offline
             raise UserError(_first_line(e)) from None
         info["zero_shot"] = scores
         for task, metrics in scores.items():
@@ -589,12 +592,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, DemoUnavailable, default_model_file, demo_table, run_demo
+    from .demo import DemoOptions, demo_table, run_demo
 
-    try:
-        default_model_file()
-    except DemoUnavailable as e:
-        raise UserError(str(e)) from None
+    embedded_model_file()
     options = DemoOptions(
         quick=args.quick,
         seed=args.seed,
@@ -746,25 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _CurrentStderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at emit time (it may be swapped by a caller)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
 def _setup_logging(quiet: bool) -> tuple:
     """Route `spp_kernels` logs to stderr; returns the previous state for `_restore_logging`."""
     level = logging.WARNING if quiet else logging.INFO
-    handler = _CurrentStderrHandler()
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     root = logging.getLogger("spp_kernels")
     saved = (list(root.handlers), root.level, root.propagate)
