@@ -768,7 +768,6 @@ def _setup_logging(quiet: bool) -> tuple:
 
 
 def _restore_logging(saved: tuple) -> None:
-    # main() can be called in-process (tests, notebooks): leave the caller's logging as it was.
     root = logging.getLogger("spp_kernels")
     handlers, level, propagate = saved
     root.handlers[:] = handlers
@@ -782,10 +781,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    saved_logging = _setup_logging(args.quiet)
-    if args.threads is not None:
-        import torch
+    import torch
 
+    saved_logging = _setup_logging(args.quiet)
+    saved_threads = torch.get_num_threads()
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
@@ -801,4 +801,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spp {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
+        # main() can be called in-process: leave the caller's logging and threads as they were.
         _restore_logging(saved_logging)
+        torch.set_num_threads(saved_threads)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 
@@ -61,6 +62,16 @@ def test_help_for_every_command(capsys):
             main([*command, "--help"])
         assert exc.value.code == 0
         assert "usage: spp" in capsys.readouterr().out
+
+
+def test_in_process_main_leaves_threads_and_logging_as_found(workdir, capsys):
+    logger = logging.getLogger("spp_kernels")
+    before = (torch.get_num_threads(), list(logger.handlers), logger.level, logger.propagate)
+    threads = 1 if before[0] != 1 else 2
+    run_json(capsys, "eval", "--model", workdir / "pruned", "--data", workdir / "text.txt",
+             "--seqlen", "64", "--threads", threads)  # fmt: skip
+    after = (torch.get_num_threads(), list(logger.handlers), logger.level, logger.propagate)
+    assert after == before
 
 
 def test_python_dash_m_entry_point():
