@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from spp_kernels.io import atomic_write_text
+from spp_kernels.utils.io import atomic_write_text
 
 from . import common, roofline
 from .plot import plot_results

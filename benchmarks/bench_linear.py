@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from spp_kernels import spp_linear
-from spp_kernels.reference import spp_linear_blocked, spp_linear_naive
+from spp_kernels.ops.reference import spp_linear_blocked, spp_linear_naive
 
 from . import common
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spp_kernels.layer import SPPLinear
-from spp_kernels.reference import spp_linear_naive
+from spp_kernels.adapters.layer import SPPLinear
+from spp_kernels.ops.reference import spp_linear_naive
 
 from . import common
 
@@ -137,7 +137,7 @@ def attach(model: nn.Module, provider: str) -> nn.Module:
     """The model to train: `model` with `provider`'s adapters on the seven projections."""
     if provider in ("spp-triton", "spp-torch"):
         backend = provider.removeprefix("spp-")
-        from spp_kernels.model import SPPConfig, get_spp_model
+        from spp_kernels.adapters import SPPConfig, get_spp_model
 
         config = SPPConfig(
             r=R, scale=SCALE, dropout=0.0, target_modules=list(TARGETS), backend=backend

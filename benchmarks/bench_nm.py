@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from spp_kernels import SPPConfig, SPPLinear, get_spp_model
-from spp_kernels.nm import nm_packed_nbytes
 from spp_kernels.pruning.masks import nm_mask
+from spp_kernels.sparsity.nm import nm_packed_nbytes
 
 from . import common
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spp_kernels.sparse24 import (
+from spp_kernels.sparsity.sparse24 import (
     compress,
     decompress,
     resolve_backend,

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from spp_kernels.io import atomic_writer
+from spp_kernels.utils.io import atomic_writer
 
 PREFERRED_SPARSITY = "2:4"
 X_NAME = "tokens"

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from spp_kernels import spp_linear
+from spp_kernels.ops.reference import spp_linear_blocked, spp_linear_naive
 from spp_kernels.pruning.masks import nm_mask
-from spp_kernels.reference import spp_linear_blocked, spp_linear_naive
 
 M, N, TOKENS, R, SCALE = 256, 256, 128, 16, 2.0
 

@@ -1,11 +1,16 @@
-"""spp-kernels: sparsity-preserved parameter-efficient fine-tuning (SPP) of pruned LLMs."""
+"""spp-kernels: sparsity-preserved parameter-efficient fine-tuning (SPP) of pruned LLMs.
 
-from .authors import load_authors_checkpoint
-from .dropout import dropout_mask
-from .layer import SPPLinear
-from .model import SPPConfig, SPPModel, get_spp_model
-from .ops import spp_linear
-from .packed import PackedWeight, spp_linear_packed
+Tiers, each importing only from the ones below it:
+    cli -> training / pruning / evaluate -> adapters -> ops -> sparsity -> utils
+(ops also calls the device code in the top-level package csrc_triton).
+"""
+
+from . import _compat
+from .adapters import SPPConfig, SPPLinear, SPPModel, get_spp_model, load_authors_checkpoint
+from .ops import dropout_mask, spp_linear, spp_linear_packed
+from .sparsity import PackedWeight
+
+_compat.install()
 
 __all__ = [
     "SPPConfig",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .pruning.calibration import input_device, max_positions
+from .utils.hf import input_device, max_positions
 
 
 def _check_token_ids(token_ids: Any) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Test configuration.
+"""Test configuration: fixtures only (shared helpers are in tests/helpers.py).
 
 On a machine without CUDA the Triton kernels run under the interpreter; TRITON_INTERPRET
 must be set before any module defines a @triton.jit kernel, so it is set here, first.
@@ -6,19 +6,14 @@ must be set before any module defines a @triton.jit kernel, so it is set here, f
 
 import os
 
-try:
-    import torch
+import torch
 
-    _HAS_CUDA = torch.cuda.is_available()
-except ImportError:  # pragma: no cover - torch is a hard dependency
-    _HAS_CUDA = False
-
-if not _HAS_CUDA:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-HAS_CUDA = _HAS_CUDA
+from tests.helpers import HAS_CUDA, make_tiny_llama  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,25 +27,6 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def make_tiny_llama(seed: int = 0, **overrides):
-    """A randomly initialised LlamaForCausalLM small enough for CPU tests (no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kwargs = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
 
 
 @pytest.fixture

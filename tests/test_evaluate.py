@@ -7,9 +7,9 @@ import types
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 from spp_kernels.evaluate import perplexity, zero_shot
+from tests.helpers import make_tiny_llama
 
 
 def _reference_ppl(model, ids, seqlen):

@@ -1,8 +1,8 @@
 """Post-training pruning of LLaMA-family decoders: magnitude, Wanda, SparseGPT."""
 
-from .calibration import find_decoder_layers
+from ..sparsity.report import LayerSparsity, SparsityReport, sparsity_report
+from ..utils.hf import find_decoder_layers
 from .masks import nm_mask, parse_sparsity, unstructured_mask
-from .report import LayerSparsity, SparsityReport, sparsity_report
 from .sequential import METHODS, prune
 
 __all__ = [

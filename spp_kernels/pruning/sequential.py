@@ -21,16 +21,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..sparsity.report import SparsityReport, sparsity_report
+from ..utils.hf import find_decoder_layers
 from .calibration import (
     calibration_samples,
     capture_block_inputs,
-    find_decoder_layers,
     linear_targets,
     run_block,
 )
 from .magnitude import magnitude_prune_weight
 from .masks import Sparsity, parse_sparsity, sparsity_name
-from .report import SparsityReport, sparsity_report
 from .sparsegpt import BLOCKSIZE, HessianAccumulator, sparsegpt_prune_weight
 from .wanda import InputNorms, wanda_prune_weight
 

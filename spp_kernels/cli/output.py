@@ -1,0 +1,52 @@
+"""What `spp` prints: one-line user errors, plain-text tables and JSON results on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+class UserError(Exception):
+    """A problem with the user's input; printed as one line, exit status 1."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A plain-text table with left-aligned first column and right-aligned others."""
+    cells = [[str(h) for h in header]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        parts = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        return "  ".join(parts).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,d}"
+    return str(v)
+
+
+def emit(args: argparse.Namespace, result: dict[str, Any], table: str) -> None:
+    """Print `result` as JSON (with --json) or `table` to stdout."""
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(table)
+    sys.stdout.flush()

@@ -1,0 +1,153 @@
+"""The `spp` argument parser: one sub-command per pipeline step."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+
+from .models import EMBEDDED
+
+METHODS = ("wanda", "sparsegpt", "magnitude")
+
+
+def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """The command function `name` of `spp_kernels.cli.<module>`, imported when it runs,
+    so that `spp --help` and argument errors do not pay for importing torch."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(args)
+
+    return run
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for data order, init, dropout (default 0)"
+    )
+    if device:
+        p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; the demo probes 1 vs all)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spp",
+        description="SPP: fine-tune pruned LLMs without losing their sparsity.",
+        epilog="Run `spp demo` for the whole pipeline on the embedded SmolLM2-135M model.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prune", help="prune a model (Wanda, SparseGPT or magnitude)")
+    p.add_argument("--model", required=True, help=f"HF model directory, .gguf file or {EMBEDDED}")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--sparsity", required=True, help="fraction (0.5) or N:M (2:4, 4:8, 2:8)")
+    p.add_argument("--calib", help="calibration data (text, Alpaca JSON/JSONL, or input_ids JSONL)")
+    p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration samples (128)")
+    p.add_argument(
+        "--seqlen", type=_positive_int, default=2048, help="calibration sample length (2048)"
+    )
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _common(p)
+    p.set_defaults(func=_command("prune", "cmd_prune"))
+
+    p = sub.add_parser("train", help="train SPP adapters on a pruned model")
+    p.add_argument("--model", required=True, help="pruned HF model directory")
+    p.add_argument("--data", required=True, help="Alpaca JSON/JSONL, text, or input_ids JSONL")
+    p.add_argument("--out", required=True, help="adapter + checkpoint directory")
+    p.add_argument("--r", type=_positive_int, default=16, help="rows of alpha (16)")
+    p.add_argument("--scale", type=float, default=2.0, help="adapter scale (2)")
+    p.add_argument("--dropout", type=float, default=0.05, help="adapter input dropout (0.05)")
+    p.add_argument("--init", default="paper", help="adapter init: paper, both_random, alpha_zero")
+    p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (4e-3)")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="epochs (3)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="micro-batch size (4)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (1)")
+    p.add_argument(
+        "--max-len", type=_positive_int, default=512, help="max tokens per example (512)"
+    )
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="cap on optimizer steps")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="warm-up fraction (0.03)")
+    p.add_argument("--weight-decay", type=float, default=0.001, help="AdamW weight decay (0.001)")
+    p.add_argument("--mask-prompt", action="store_true", help="no loss on Alpaca prompts")
+    p.add_argument("--teacher", help="dense model to distil from (KL on logits)")
+    p.add_argument(
+        "--kd-weight", type=float, default=1.0, help="weight of KL vs. CE with --teacher (1)"
+    )
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (1)")
+    p.add_argument("--bf16", action="store_true", help="bf16 frozen weights, fp32 adapters")
+    p.add_argument("--backend", default="auto", help="SPP kernels: auto, triton or torch")
+    p.add_argument(
+        "--weight-format",
+        choices=("dense", "nm", "auto"),
+        default="dense",
+        help="frozen weights: dense, nm (packed N:M values + metadata), or auto (pack where "
+        "a layer is N:M sparse and packing saves bytes) (dense)",
+    )
+    p.add_argument(
+        "--save-every", type=_positive_int, default=200, help="checkpoint every N steps (200)"
+    )
+    p.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        default=None,
+        help="stop (with a checkpoint) after N steps",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --out"
+    )
+    p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
+    _common(p)
+    p.set_defaults(func=_command("train", "cmd_train"))
+
+    p = sub.add_parser("merge", help="merge adapters into the weights (sparsity kept)")
+    p.add_argument("--model", required=True, help="pruned HF model directory")
+    p.add_argument("--adapter", required=True, help="adapter directory from `spp train`")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _common(p)
+    p.set_defaults(func=_command("merge", "cmd_merge"))
+
+    p = sub.add_parser("eval", help="perplexity (and lm-eval zero-shot with --tasks)")
+    p.add_argument("--model", required=True, help=f"HF model directory, .gguf file or {EMBEDDED}")
+    p.add_argument("--adapter", help="adapter directory to apply first")
+    p.add_argument("--data", help="text, Alpaca JSON/JSONL or input_ids JSONL")
+    p.add_argument("--seqlen", type=_positive_int, default=2048, help="window length (2048)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward (1)")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks (needs the eval extra)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="lm-eval examples per task")
+    _common(p)
+    p.set_defaults(func=_command("eval", "cmd_eval"))
+
+    p = sub.add_parser("export-2to4", help="write a compressed 2:4 checkpoint")
+    p.add_argument("--model", required=True, help="2:4-pruned (merged) HF model directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _common(p, device=False)
+    p.set_defaults(func=_command("merge", "cmd_export"))
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded SmolLM2-135M")
+    p.add_argument("--quick", action="store_true", help="smaller run (< 3 minutes on 2 cores)")
+    p.add_argument("--train-seconds", type=float, default=None, help="SPP training time budget")
+    p.add_argument("--cache-dir", help="keep generated demo data here (default: a temp dir)")
+    _common(p)
+    p.set_defaults(func=_command("demo", "cmd_demo"))
+    return parser

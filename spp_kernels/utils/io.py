@@ -1,0 +1,154 @@
+"""Atomic file writes: a crash mid-write leaves the previous file intact.
+
+Each helper writes to a temporary file in the destination's directory (so the final
+`os.replace` is a same-filesystem rename, atomic on POSIX and Windows), flushes and fsyncs
+it, renames it over the destination and then fsyncs the directory so the rename itself
+survives a power loss. On any error the temporary file is removed and the destination is
+untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "atomic_directory",
+    "atomic_save_safetensors",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_writer",
+]
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Directory fsync makes the rename durable; not supported on Windows (nor needed there).
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on clean exit it atomically replaces `path`.
+
+    The caller writes the complete file to the yielded path (by any means: a library's
+    `save_file`, `open(...)`); this context manager fsyncs it, renames it over `path` and
+    fsyncs the directory. If the body raises, the temporary file is deleted and `path`
+    keeps its previous content (or stays absent).
+    """
+    dest = Path(path)
+    if dest.is_dir():
+        raise IsADirectoryError(f"atomic write: {dest} is a directory")
+    directory = dest.parent if str(dest.parent) else Path(".")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"atomic write: directory {directory} does not exist")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(directory)
+
+
+def _atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    with atomic_writer(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically; returns `path` as a Path."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"atomic_write_bytes: data must be bytes, got {type(data).__name__}")
+    return _atomic_write_with(path, lambda tmp: tmp.write_bytes(bytes(data)))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` atomically (UTF-8 by default); returns `path` as a Path."""
+    if not isinstance(text, str):
+        raise TypeError(f"atomic_write_text: text must be str, got {type(text).__name__}")
+    return _atomic_write_with(path, lambda tmp: tmp.write_text(text, encoding=encoding))
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Save `tensors` to a safetensors file at `path` atomically; returns `path` as a Path.
+
+    Tensors are made contiguous and moved to CPU first (safetensors needs both); tensors
+    sharing storage are cloned so that safetensors does not refuse them. `metadata` must map
+    str to str (a safetensors rule), checked before anything is written.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(tensors, dict):
+        raise TypeError(f"atomic_save_safetensors: tensors must be a dict, got {type(tensors)}")
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise TypeError(f"atomic_save_safetensors: key {key!r} is not a str")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"atomic_save_safetensors: value of {key!r} is a {type(value).__name__}, "
+                "not a torch.Tensor"
+            )
+    if metadata is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise TypeError("atomic_save_safetensors: metadata must map str to str")
+    # clone() gives each tensor its own storage: safetensors rejects shared storage.
+    ready = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return _atomic_write_with(path, lambda tmp: save_file(ready, str(tmp), metadata=metadata))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty sibling directory; on clean exit it atomically replaces `path`.
+
+    The caller writes the complete output into the yielded directory. Then: the old `path`
+    (if any) is renamed aside, the new directory is renamed to `path`, and only then is the
+    old one deleted, so at every moment either the old or the new complete output exists
+    under a name the user can find. If the body raises, the new directory is deleted and
+    `path` is untouched. `path` must not be a symbolic link (refused before anything is
+    written: replacing a link would silently move the data behind it).
+    """
+    dest = Path(path)
+    if dest.is_symlink():
+        raise ValueError(f"{dest} is a symbolic link; give the directory it points to")
+    if dest.exists() and not dest.is_dir():
+        raise NotADirectoryError(f"{dest} exists and is not a directory")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=parent))
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
+            os.replace(dest, old)  # an empty directory is replaced by the rename
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""Shared test helpers: device flags, the per-dtype tolerance table, normwise errors and
+tiny LLaMA-family models (random init, no download). Import as `from tests.helpers import ...`;
+fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Normwise tolerance, max|got - ref| / max|ref| against a float64 oracle, by the dtype of
+# the compared tensor. fp32 uses IEEE products (no TF32), so it is exact up to summation
+# order; fp16/bf16 carry the rounding of the inputs, of W_eff (or W * alpha) and of the
+# output; the interpreter's float32 -> bf16 conversion truncates (up to two bf16 ulps).
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
+
+
+def normwise_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|got - ref| / max|ref| in float64 (0-safe)."""
+    got, ref = got.double(), ref.double()
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+_TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def make_tiny_llama(seed: int = 0, **overrides):
+    """A randomly initialised LlamaForCausalLM small enough for CPU tests, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(**{**_TINY, "tie_word_embeddings": False, **overrides})
+    ).eval()
+
+
+def make_tiny_mistral(seed: int = 0, **overrides):
+    """A tiny MistralForCausalLM (sliding window 8, so its layers see a windowed mask)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**{**_TINY, "sliding_window": 8, **overrides})).eval()
+
+
+def make_tiny_qwen2(seed: int = 0, **overrides):
+    """A tiny Qwen2ForCausalLM (biased q/k/v projections)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**{**_TINY, **overrides})).eval()
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'#-()\n"
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer built offline (ids < 100), with BOS/EOS/PAD."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(CHARS)))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+ALPACA = [
+    {"instruction": "Say hi.", "input": "", "output": "hi there."},
+    {"instruction": "Add.", "input": "2 and 3", "output": "5."},
+    {"instruction": "Name a color.", "output": "blue."},
+]

@@ -1,0 +1,293 @@
+"""The fused SPP kernels reading N:M packed weights (csrc_triton/nm_tiles.py, _tiles.py).
+
+Oracles: nm_decompress (the format's one definition) for the tile decoder, bitwise; the
+torch backend in float64 on the decompressed weight, with dtype-specific tolerances; the
+same kernels on the dense weight (bitwise under the interpreter, where both run one
+config). On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from csrc_triton.nm_tiles import nm_dense_tile
+from spp_kernels.ops import torch_backend, triton_backend
+from spp_kernels.sparsity.nm import nm_compress, nm_decompress
+from tests.helpers import HAS_CUDA
+
+# The Triton 3.6 interpreter turns 1-element loop bounds into ints via a deprecated numpy path.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Max |error| / max |reference| against the float64 oracle: fp32 (no TF32) is exact up to
+# summation order; half types are bounded by rounding of inputs, W_eff and the output.
+TOL = {torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def nm_forward(x, values, meta, alpha, beta, bias, n_keep, m_group, scale, dropout_p, seed):
+    """Y from the packed weight through the fused forward kernel."""
+    nm = (n_keep, m_group)
+    return triton_backend.forward(
+        x, values, alpha, beta, bias, scale, dropout_p, seed, meta=meta, nm=nm
+    )
+
+
+def nm_backward(dy, x, values, meta, alpha, beta, n_keep, m_group, *args):
+    """(dX, dalpha, dbeta) from the packed weight through the fused backward kernels."""
+    nm = (n_keep, m_group)
+    return triton_backend.backward(dy, x, values, alpha, beta, *args, meta=meta, nm=nm)
+
+
+def nm_sparse(m: int, n: int, n_keep: int, m_group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random (m, n) weight with exactly n_keep nonzeros at random positions per group."""
+    w = torch.randn(m, n, dtype=torch.float32)
+    kept = torch.rand(m, n // m_group, m_group).argsort(-1)[..., :n_keep]
+    mask = torch.zeros(m, n // m_group, m_group, dtype=torch.bool).scatter_(2, kept, True)
+    return (w * mask.view(m, n)).to(dtype).to(DEVICE)
+
+
+@triton.jit
+def _decode_kernel(
+    values_ptr,
+    meta_ptr,
+    out_ptr,
+    m,
+    n,
+    stride_values,
+    stride_meta,
+    N: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < m)[:, None] & (cols < n)[None, :]
+    tile = nm_dense_tile(values_ptr, meta_ptr, rows, cols, mask, stride_values, stride_meta, N, M)
+    tl.store(out_ptr + rows[:, None] * n + cols[None, :], tile, mask=mask)
+
+
+def _device_decode(values, meta, n_keep, m_group, cols):
+    rows = values.shape[0]
+    out = torch.full((rows, cols), float("nan"), dtype=values.dtype, device=values.device)
+    grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 32))
+    _decode_kernel[grid](
+        values, meta, out, rows, cols, values.stride(0), meta.stride(0), n_keep, m_group, 16, 32
+    )
+    return out
+
+
+@pytest.mark.parametrize("n_keep,m_group", [(2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (7, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tile_decoder_is_bitwise_nm_decompress(n_keep, m_group, dtype):
+    rows, cols = 19, 5 * 8 * m_group  # ragged rows; cols spans several meta words
+    w = nm_sparse(rows, cols, n_keep, m_group, dtype)
+    # Fewer nonzeros than N in some groups (padding), signed zeros, and a top-bit-set word.
+    w[0, : 2 * m_group] = 0
+    w[1, 3] = -0.0
+    w[2] = 0
+    w[2, m_group - 1 :: m_group] = 1.5
+    values, meta = nm_compress(w, n_keep, m_group)
+    out = _device_decode(values, meta, n_keep, m_group, cols)
+    ref = nm_decompress(values, meta, n_keep, m_group, cols)
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    assert torch.equal(out.view(bits[dtype]), ref.view(bits[dtype]))
+    assert torch.equal(out, w)  # value-exact round trip of the weight itself
+    if (n_keep, m_group) == (2, 4):
+        assert bool((meta < 0).any()), "test should cover meta words with the top bit set"
+
+
+def _case(n_keep, m_group, dtype, m=20, tokens=18, n=None, r=5, bias=True):
+    # Ragged against the interpreter's 16-blocks; several meta words per row; r not | m.
+    n = n or {4: 40, 8: 48}[m_group]
+    w = nm_sparse(m, n, n_keep, m_group, dtype)
+    values, meta = nm_compress(w, n_keep, m_group)
+    x = torch.randn(tokens, n, dtype=dtype, device=DEVICE)
+    alpha = torch.randn(r, n, dtype=torch.float32, device=DEVICE)  # fp32 adapters, half W
+    beta = torch.randn(m, dtype=dtype, device=DEVICE)
+    b = torch.randn(m, dtype=dtype, device=DEVICE) if bias else None
+    dy = torch.randn(tokens, m, dtype=dtype, device=DEVICE)
+    return w, values, meta, x, alpha, beta, b, dy
+
+
+def _rel(out, ref):
+    return float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+def _f64(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+ORACLE_CASES = [
+    (n_keep, m_group, dtype, p)
+    for n_keep, m_group in ((2, 4), (2, 8))
+    for dtype in DTYPES
+    for p in (0.0, 0.25)
+] + [(4, 8, torch.float16, 0.25)]
+
+
+@pytest.mark.parametrize("n_keep,m_group,dtype,dropout_p", ORACLE_CASES)
+def test_fused_kernels_match_float64_oracle(n_keep, m_group, dtype, dropout_p):
+    w, values, meta, x, alpha, beta, b, dy = _case(n_keep, m_group, dtype)
+    seed, scale = 1234, 1.5
+    y = nm_forward(x, values, meta, alpha, beta, b, n_keep, m_group, scale, dropout_p, seed)
+    dx, dalpha, dbeta = nm_backward(
+        dy, x, values, meta, alpha, beta, n_keep, m_group, scale, dropout_p, seed
+    )
+    w64, x64, a64, be64, b64, dy64 = _f64(w, x, alpha, beta, b, dy)
+    y_ref = torch_backend.forward(x64, w64, a64, be64, b64, scale, dropout_p, seed)
+    dx_ref, da_ref, db_ref = torch_backend.backward(
+        dy64, x64, w64, a64, be64, scale, dropout_p, seed
+    )
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert dalpha.dtype == alpha.dtype and dbeta.dtype == beta.dtype
+    tol = TOL[dtype]
+    assert _rel(y, y_ref) < tol
+    assert _rel(dx, dx_ref) < tol
+    assert _rel(dalpha, da_ref) < tol
+    assert _rel(dbeta, db_ref) < tol
+
+
+@pytest.mark.parametrize("tokens,m,r", [(1, 16, 16), (33, 40, 3), (17, 9, 1)])
+def test_ragged_shapes_and_group_maps(tokens, m, r):
+    # r == m (one row per group), r not dividing m, r == 1; a single token.
+    w, values, meta, x, alpha, beta, b, dy = _case(2, 4, torch.float32, m=m, tokens=tokens, r=r)
+    y = nm_forward(x, values, meta, alpha, beta, b, 2, 4, 2.0, 0.0, 0)
+    dx, dalpha, dbeta = nm_backward(dy, x, values, meta, alpha, beta, 2, 4, 2.0, 0.0, 0)
+    w64, x64, a64, be64, b64, dy64 = _f64(w, x, alpha, beta, b, dy)
+    dx_ref, da_ref, db_ref = torch_backend.backward(dy64, x64, w64, a64, be64, 2.0, 0.0, 0)
+    assert _rel(y, torch_backend.forward(x64, w64, a64, be64, b64, 2.0, 0.0, 0)) < 2e-6
+    assert _rel(dx, dx_ref) < 2e-6
+    assert _rel(dalpha, da_ref) < 2e-6
+    assert _rel(dbeta, db_ref) < 2e-6
+
+
+def test_backward_flags_strided_x_and_empty_tokens():
+    w, values, meta, x, alpha, beta, b, dy = _case(2, 8, torch.float32, n=64)
+    wide = torch.randn(x.shape[0], 2 * x.shape[1], device=DEVICE)
+    x_strided = wide[:, ::2]  # column stride 2
+    y = nm_forward(x_strided, values, meta, alpha, beta, None, 2, 8, 1.0, 0.0, 0)
+    y_ref = torch_backend.forward(x_strided.contiguous(), w, alpha, beta, None, 1.0, 0.0, 0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dx, dalpha, dbeta = nm_backward(
+        dy, x, values, meta, alpha, beta, 2, 8, 1.0, 0.0, 0, True, False
+    )
+    assert dx is not None and dalpha is None and dbeta is None
+    dx, dalpha, dbeta = nm_backward(
+        dy, x, values, meta, alpha, beta, 2, 8, 1.0, 0.0, 0, False, True
+    )
+    assert dx is None and dalpha.shape == alpha.shape and dbeta.shape == beta.shape
+    empty = nm_forward(x[:0], values, meta, alpha, beta, b, 2, 8, 1.0, 0.0, 0)
+    assert empty.shape == (0, w.shape[0])
+
+
+@pytest.mark.parametrize("n_keep,m_group,dropout_p", [(2, 4, 0.25), (2, 8, 0.0)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_equals_dense_weight_kernels(n_keep, m_group, dtype, dropout_p):
+    """Same kernels, only the tile load differs: bitwise equal where both run the same
+    config (the interpreter), equal to rounding where autotuning may pick differently."""
+    w, values, meta, x, alpha, beta, b, dy = _case(n_keep, m_group, dtype)
+    args = (1.5, dropout_p, 99)
+    packed = (
+        nm_forward(x, values, meta, alpha, beta, b, n_keep, m_group, *args),
+        *nm_backward(dy, x, values, meta, alpha, beta, n_keep, m_group, *args),
+    )
+    dense = (
+        triton_backend.forward(x, w, alpha, beta, b, *args),
+        *triton_backend.backward(dy, x, w, alpha, beta, *args),
+    )
+    for got, ref in zip(packed, dense):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        if HAS_CUDA:
+            assert _rel(got, ref) < TOL[dtype]
+        else:
+            assert torch.equal(got, ref)
+
+
+def test_malformed_packed_inputs_raise_before_launch():
+    _, values, meta, x, alpha, beta, b, _ = _case(2, 4, torch.float32)
+    with pytest.raises(ValueError, match="nm must be"):
+        nm_forward(x, values, meta, alpha, beta, b, 4, 4, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="int32 of shape"):
+        nm_forward(x, values, meta.to(torch.int64), alpha, beta, b, 2, 4, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="int32 of shape"):
+        nm_forward(x, values, meta[:, :1], alpha, beta, b, 2, 4, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="unit column stride"):
+        wide = torch.zeros(values.shape[0], 2 * values.shape[1], device=values.device)
+        nm_forward(x, wide[:, ::2], meta, alpha, beta, b, 2, 4, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        nm_forward(x[:, :-4], values, meta, alpha, beta, b, 2, 4, 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="without the packed metadata"):
+        triton_backend.forward(x, values, alpha, beta, b, 1.0, 0.0, 0, nm=(2, 4))
+
+
+_COMPILE_FOR_HOPPER = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import csrc_triton.spp_backward as B
+import csrc_triton.spp_forward as F
+
+dropout, (n_keep, m_group) = sys.argv[1] == "1", (int(sys.argv[2]), int(sys.argv[3]))
+DATA = {"x_ptr", "w_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+FLOATS = {"scale", "keep_scale", "dropout_p", "grad_scale"}
+
+
+def compile_kernel(kernel, consts, config):
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel = kernel.fn  # unwrap autotune / heuristics
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name == "meta_ptr":
+            sig[name] = "*i32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp16" if name in DATA else "*fp32"
+        else:
+            sig[name] = "fp32" if name in FLOATS else ("i64" if name == "seed" else "i32")
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert compiled.asm["cubin"] and "mma" in compiled.asm["ptx"], kernel
+
+
+base = dict(DROPOUT=dropout, NM_N=n_keep, NM_M=m_group, UPCAST=False, PRECISION="tf32", NUM_GROUPS=2)
+c = F.FORWARD_CONFIGS[0]
+compile_kernel(F._spp_forward_kernel, dict(base, HAS_BIAS=True, **c.kwargs), c)
+c = B.DX_CONFIGS[0]
+compile_kernel(B._spp_dx_kernel, dict(base, **c.kwargs), c)
+c = B.DAB_CONFIGS[0]
+compile_kernel(B._spp_dalpha_dbeta_kernel, dict(base, BLOCK_M=B.DAB_BLOCK_M, BLOCK_N=B.DAB_BLOCK_N, GROUP_M=B.DAB_GROUP_M, **c.kwargs), c)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout,n_keep,m_group", [(False, 2, 4), (True, 2, 8)])
+def test_packed_kernels_compile_for_hopper(dropout, n_keep, m_group):
+    """Without a GPU: the fused kernels with a packed fp16 weight lower to sm_90 cubins with
+    tensor-core MMAs (the GPU configs, not the interpreter's).
+
+    Runs in a subprocess without TRITON_INTERPRET (under it @triton.jit gives interpreted
+    functions, which cannot be compiled); Triton ships ptxas, so no CUDA install is needed.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_HOPPER, "1" if dropout else "0", str(n_keep)]
+        + [str(m_group)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -1,0 +1,215 @@
+"""The training loop: schedule, losses, checkpoints, bit-exact resume, Ctrl-C, fingerprints."""
+
+import copy
+import json
+import math
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from spp_kernels.adapters import SPPConfig, get_spp_model
+from spp_kernels.training.data import Example
+from spp_kernels.training.train import (
+    TrainConfig,
+    latest_checkpoint,
+    lr_factor,
+    token_loss,
+    total_steps,
+    train,
+)
+from tests.helpers import make_tiny_llama
+
+
+def examples(n=10, seed=0, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 6 + i % 5
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        labels = [-100, -100] + ids[2:] if i % 3 == 0 else ids
+        out.append(Example(tuple(ids), tuple(labels)))
+    return out
+
+
+def spp_model(dropout=0.1, seed=0):
+    model = make_tiny_llama(seed=seed)
+    torch.manual_seed(1)
+    return get_spp_model(model, SPPConfig(r=4, dropout=dropout, backend="torch"))
+
+
+def adapters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+CFG = dict(lr=1e-2, epochs=2, batch_size=3, grad_accum=2, seed=3, save_every=1)
+
+
+def test_lr_schedule_warms_up_then_decays_linearly():
+    total = 100
+    values = [lr_factor(s, total, 0.03) for s in range(total)]
+    assert values[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert values[3] == pytest.approx(97 / 97)
+    assert values[50] == pytest.approx(50 / 97)
+    assert values[-1] == pytest.approx(1 / 97)
+    assert all(a >= b for a, b in zip(values[2:], values[3:]))
+    assert lr_factor(0, 10, 0.0) == 1.0
+
+
+def test_total_steps():
+    assert total_steps(10, TrainConfig(epochs=3, batch_size=4, grad_accum=1)) == 9
+    assert total_steps(10, TrainConfig(epochs=3, batch_size=4, grad_accum=2)) == 5
+    assert total_steps(10, TrainConfig(epochs=3, batch_size=4, max_steps=2)) == 2
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(lr=0), dict(epochs=0), dict(warmup_ratio=1.0), dict(kd_weight=2)]
+)
+def test_train_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="TrainConfig"):
+        TrainConfig(**bad)
+
+
+def test_token_loss_matches_cross_entropy_and_kl_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, dtype=torch.float64)
+    teacher = torch.randn(2, 5, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :3] = -100
+    ce, n = token_loss(logits, labels, None, TrainConfig())
+    tgt = labels[:, 1:].reshape(-1)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 11), tgt, ignore_index=-100, reduction="sum")
+    assert n == int((tgt != -100).sum()) == 6
+    torch.testing.assert_close(ce.double(), ref)
+    cfg = TrainConfig(kd_weight=0.75, kd_temperature=2.0)
+    kd_loss, _ = token_loss(logits, labels, teacher, cfg)
+    keep = tgt != -100
+    s = logits[:, :-1].reshape(-1, 11)[keep] / 2
+    t = teacher[:, :-1].reshape(-1, 11)[keep] / 2
+    kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum() * 4
+    torch.testing.assert_close(kd_loss.double(), 0.75 * kl + 0.25 * ref, rtol=1e-5, atol=1e-6)
+
+
+def test_training_lowers_the_loss_and_keeps_zeros():
+    model = spp_model(dropout=0.0)
+    layer = next(iter(model.spp_layers().values()))
+    with torch.no_grad():
+        layer.weight[:, ::2] = 0
+    zeros = layer.weight == 0
+    frozen = layer.weight.detach().clone()
+    data = examples(4)
+    result = train(model, data, TrainConfig(lr=2e-2, epochs=12, batch_size=4), progress=False)
+    assert result.step == 12 and result.losses[-1] < result.losses[0]
+    assert torch.equal(layer.weight, frozen)
+    assert torch.equal(layer.merged_weight() == 0, zeros)
+
+
+def test_resume_is_bit_exact_with_dropout(tmp_path):
+    data = examples()
+    full = spp_model()
+    ref = train(full, data, TrainConfig(**CFG), tmp_path / "a", progress=False)
+    assert not ref.interrupted and ref.step == total_steps(len(data), TrainConfig(**CFG)) == 4
+
+    part = spp_model()
+    first = train(part, data, TrainConfig(**CFG, stop_after=2), tmp_path / "b", progress=False)
+    assert first.interrupted and first.step == 2
+    again = spp_model()  # a fresh process: new model, adapters restored from the checkpoint
+    second = train(again, data, TrainConfig(**CFG), tmp_path / "b", resume=True, progress=False)
+    assert second.step == 4 and not second.interrupted
+    assert second.losses == ref.losses
+    a, b = adapters(full), adapters(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The checkpoints on disk agree too, tensor for tensor.
+    ca = load_file(latest_checkpoint(tmp_path / "a") / "optimizer.safetensors")
+    cb = load_file(latest_checkpoint(tmp_path / "b") / "optimizer.safetensors")
+    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+
+
+def test_checkpoint_layout_is_safetensors_and_json_only(tmp_path):
+    model = spp_model()
+    train(model, examples(), TrainConfig(**CFG), tmp_path, progress=False)
+    root = tmp_path / "checkpoints"
+    assert json.loads((root / "latest.json").read_text()) == {"step": 4, "dir": "step-00000004"}
+    ckpt = latest_checkpoint(tmp_path)
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "adapter.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ]
+    assert [p.name for p in root.glob("step-*")] == ["step-00000004"]  # older ones pruned
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 4 and len(state["losses"]) == 4
+    saved = load_file(ckpt / "adapter.safetensors")
+    live = adapters(model)
+    assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
+
+
+def test_half_written_checkpoint_does_not_break_resume(tmp_path):
+    data = examples()
+    model = spp_model()
+    train(model, data, TrainConfig(**CFG, stop_after=2), tmp_path, progress=False)
+    # A crash while writing step 3: its directory exists, the pointer was never switched.
+    broken = tmp_path / "checkpoints" / "step-00000003"
+    broken.mkdir()
+    (broken / "adapter.safetensors").write_bytes(b"partial")
+    again = spp_model()
+    result = train(again, data, TrainConfig(**CFG), tmp_path, resume=True, progress=False)
+    assert result.step == 4
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path):
+    data = examples()
+    model = spp_model()
+
+    def interrupt(step, loss):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    previous = signal.getsignal(signal.SIGINT)
+    result = train(model, data, TrainConfig(**CFG), tmp_path, progress=False, callback=interrupt)
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert result.interrupted and result.step == 1
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 1
+    again = spp_model()
+    done = train(again, data, TrainConfig(**CFG), tmp_path, resume=True, progress=False)
+    assert done.step == 4
+
+
+def test_resume_refuses_changed_settings_or_data(tmp_path):
+    data = examples()
+    train(spp_model(), data, TrainConfig(**CFG, stop_after=1), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="resume: .* lr=0.01, now lr=0.02"):
+        train(
+            spp_model(),
+            data,
+            TrainConfig(**{**CFG, "lr": 2e-2}),
+            tmp_path,
+            resume=True,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="n_examples"):
+        train(spp_model(), data[:-1], TrainConfig(**CFG), tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train(spp_model(), data, TrainConfig(**CFG), tmp_path / "none", resume=True, progress=False)
+
+
+def test_distillation_from_identical_teacher_starts_at_zero_loss():
+    model = spp_model(dropout=0.0)
+    teacher = copy.deepcopy(model.get_base_model())  # paper init: beta = 0, student == teacher
+    result = train(
+        model,
+        examples(3),
+        TrainConfig(epochs=1, batch_size=3, max_grad_norm=None),
+        teacher=teacher,
+        progress=False,
+    )
+    assert result.losses[0] == pytest.approx(0.0, abs=1e-5)
+    assert math.isfinite(result.final_loss)
+
+
+def test_model_without_trainable_parameters_is_rejected():
+    model = make_tiny_llama().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(model, examples(2), TrainConfig(), progress=False)
