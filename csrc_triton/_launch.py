@@ -1,9 +1,17 @@
-"""Host-side helpers shared by the kernel launchers: operand checks, dot flags, autotuning."""
+"""Host-side launch preamble shared by every kernel: operand checks, dtype flags, autotuning.
+
+`prepare` is the one preamble each launcher calls: it validates the operands (dense or N:M
+packed frozen weight, adapters, activations, dropout bits) before anything is launched and
+returns the derived launch arguments (`Launch`). Config pinning: with the environment
+variable SPP_TRITON_CONFIGS=first, every autotuned kernel uses only its first GPU config
+(no benchmarking: the GPU test run then compiles one kernel per specialisation).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -12,9 +20,77 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_DOT = 16  # smallest tl.dot dimension the GPU accepts
+PIN_FIRST_CONFIG = os.environ.get("SPP_TRITON_CONFIGS", "all") == "first"
 
 
-def check_operands(
+@dataclass(frozen=True)
+class Launch:
+    """What `prepare` derived for a launch.
+
+    m, n: the dense weight's shape (out_features, in_features); r: alpha's rows; tokens.
+    meta, stride_meta, nm_n, nm_m: the frozen weight's N:M metadata argument, its row
+    stride and its constexpr pattern (meta is the weight itself, never read, and
+    nm_n = nm_m = 0 when W is dense). keep, stride_keep: the dropout bits argument (the
+    weight, never read, when there is no dropout). upcast, precision: `dot_flags`.
+    """
+
+    m: int
+    n: int
+    r: int
+    tokens: int
+    meta: torch.Tensor
+    stride_meta: int
+    nm_n: int
+    nm_m: int
+    keep: torch.Tensor
+    stride_keep: int
+    upcast: bool
+    precision: str
+
+
+def prepare(
+    weight: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    meta: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
+    x: torch.Tensor | None = None,
+    dy: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Launch:
+    """Check every operand of an SPP kernel launch and derive its arguments.
+
+    weight: dense W (m, n), or with `meta` and nm = (N, M) the packed values (m, n/M*N)
+    of an N:M weight (spp_kernels.sparsity.nm's format). x (tokens, n) and dy (tokens, m)
+    share W's dtype; alpha (r, n), beta (m,), bias (m,) are that dtype or float32; keep
+    (tokens, ceil(n/8)) uint8 dropout bits, required when dropout_p > 0.
+    """
+    dense_like, meta_arg, stride_meta, nm_n, nm_m = _frozen_weight(weight, meta, nm)
+    _check_operands(dense_like, alpha, beta, x=x, dy=dy, bias=bias)
+    m, n = dense_like.shape
+    tokens = x.shape[0] if x is not None else (dy.shape[0] if dy is not None else 0)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"csrc_triton: dropout_p must be in [0, 1), got {dropout_p}")
+    keep_arg, stride_keep = weight, 0
+    if dropout_p > 0.0:
+        shape = (tokens, (n + 7) // 8)
+        if keep is None or keep.dtype != torch.uint8 or tuple(keep.shape) != shape:
+            got = None if keep is None else f"{keep.dtype} {tuple(keep.shape)}"
+            raise ValueError(f"csrc_triton: dropout needs uint8 keep bits {shape}, got {got}")
+        if keep.device != weight.device or keep.stride(1) != 1:
+            raise ValueError("csrc_triton: keep bits must be on W's device with unit stride")
+        keep_arg, stride_keep = keep, keep.stride(0)
+    upcast, precision = dot_flags(weight.dtype)
+    return Launch(
+        m, n, alpha.shape[0], tokens, meta_arg, stride_meta, nm_n, nm_m, keep_arg,
+        stride_keep, upcast, precision,
+    )  # fmt: skip
+
+
+def _check_operands(
     weight: torch.Tensor,
     alpha: torch.Tensor,
     beta: torch.Tensor,
@@ -25,8 +101,6 @@ def check_operands(
 ) -> None:
     """Shapes, dtypes and devices the kernels rely on; raises before anything is launched.
 
-    weight (m, n) has a dtype in KERNEL_DTYPES; x (tokens, n) and dy (tokens, m) share it;
-    alpha (r, n) with 1 <= r <= m, beta (m,) and bias (m,) are that dtype or float32.
     Strides are free: every kernel takes them as arguments.
     """
     if weight.dtype not in KERNEL_DTYPES:
@@ -81,9 +155,51 @@ def check_operands(
         )
 
 
-def check_dropout(dropout_p: float) -> None:
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"csrc_triton: dropout_p must be in [0, 1), got {dropout_p}")
+def _frozen_weight(
+    weight: torch.Tensor, meta: torch.Tensor | None, nm: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """(dense_like, meta_arg, stride_meta, NM_N, NM_M) for a dense or N:M packed weight.
+
+    dense_like has W's (m, n) shape, dtype and device for the operand checks and the grid:
+    W itself when dense, a zero-stride view of one element when packed (never a dense
+    copy). This is the device tier's operand check of the packed layout; the format itself
+    is defined (and validated for users) in spp_kernels.sparsity.nm, which this package
+    cannot import.
+    """
+    if meta is None:
+        if nm is not None:
+            raise ValueError("csrc_triton: nm=(N, M) given without the packed metadata `meta`")
+        return weight, weight, 0, 0, 0
+    if (
+        not isinstance(nm, tuple)
+        or len(nm) != 2
+        or nm[1] not in (4, 8)
+        or not isinstance(nm[0], int)
+        or not 1 <= nm[0] < nm[1]
+    ):
+        raise ValueError(f"csrc_triton: nm must be (N, M) with M in (4, 8), 1 <= N < M; got {nm!r}")
+    n_keep, group = nm
+    if weight.dim() != 2 or weight.shape[1] % n_keep:
+        raise ValueError(
+            f"csrc_triton: packed values must be 2-D (m, n // {group} * {n_keep}), got "
+            f"{tuple(weight.shape)}"
+        )
+    m, groups = weight.shape[0], weight.shape[1] // n_keep
+    per_word = 32 // (n_keep * (2 if group == 4 else 3))
+    expected = (m, -(-groups // per_word))
+    if meta.dtype != torch.int32 or tuple(meta.shape) != expected:
+        raise ValueError(
+            f"csrc_triton: packed meta must be int32 of shape {expected} for values "
+            f"{tuple(weight.shape)} and {n_keep}:{group}, got {meta.dtype} {tuple(meta.shape)}"
+        )
+    if meta.device != weight.device:
+        raise ValueError(
+            f"csrc_triton: values on {weight.device} but meta on {meta.device}; use one device"
+        )
+    if weight.stride(1) != 1 or meta.stride(1) != 1:
+        raise ValueError("csrc_triton: packed values and meta need unit column stride")
+    dense_like = weight.new_empty(()).expand(m, groups * group)
+    return dense_like, meta, meta.stride(0), n_keep, group
 
 
 def check_out(out: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor, name: str) -> None:
@@ -106,21 +222,16 @@ def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
     return upcast, ("ieee" if upcast or dtype == torch.float32 else "tf32")
 
 
-def alpha_groups(block_m: int, r: int, m: int) -> int:
-    """NUM_GROUPS constexpr of `_tiles.alpha_rows_tile` for row tiles of `block_m` rows.
+def alpha_groups(block_rows: int, r: int, m: int) -> int:
+    """NUM_GROUPS constexpr of `_tiles.alpha_rows_tile` for tiles of `block_rows` rows.
 
-    block_m consecutive rows o0.. touch at most (block_m - 1) * r // m + 2 groups
+    block_rows consecutive rows o0.. touch at most (block_rows - 1) * r // m + 2 groups
     (floor(a + b) - floor(a) <= floor(b) + 1), and never more than r. Up to 4 such alpha
     rows are loaded as vectors and selected per row; beyond that (r close to m) 0 selects
     the 2-D gather.
     """
-    bound = min((block_m - 1) * r // m + 2, r, block_m)
+    bound = min((block_rows - 1) * r // m + 2, r, block_rows)
     return bound if bound <= 4 else 0
-
-
-def alpha_groups_heuristic(args: dict) -> int:
-    """triton.heuristics hook: NUM_GROUPS from the launch's BLOCK_M, r and m."""
-    return alpha_groups(args["BLOCK_M"], args["r"], args["m"])
 
 
 def tokens_bucket(tokens: int) -> int:
@@ -135,8 +246,9 @@ def autotune(
     key: list[str],
     dot_blocks: tuple[str, ...],
 ) -> Callable:
-    """triton.autotune over `gpu_configs`, or the single `interpreter_config` under
-    TRITON_INTERPRET=1 (the interpreter cannot benchmark: do_bench needs a GPU).
+    """triton.autotune over `gpu_configs` (only the first with SPP_TRITON_CONFIGS=first), or
+    the single `interpreter_config` under TRITON_INTERPRET=1 (the interpreter cannot
+    benchmark: do_bench needs a GPU).
 
     Every block size named in `dot_blocks` feeds a tl.dot and must be >= 16 on the GPU;
     the interpreter would accept less, so all configs are checked here, at import.
@@ -145,53 +257,23 @@ def autotune(
         small = {b: config.kwargs[b] for b in dot_blocks if config.kwargs[b] < MIN_DOT}
         if small:
             raise ValueError(f"csrc_triton: tl.dot blocks must be >= {MIN_DOT}, got {small}")
-    configs = [interpreter_config] if INTERPRET else gpu_configs
+    if INTERPRET:
+        configs = [interpreter_config]
+    else:
+        configs = gpu_configs[:1] if PIN_FIRST_CONFIG else gpu_configs
     return triton.autotune(configs=configs, key=key)
 
 
-def frozen_weight_args(
-    weight: torch.Tensor, meta: torch.Tensor | None, nm: tuple[int, int] | None
-) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-    """Launch arguments for the frozen weight, dense or N:M packed (`_tiles.frozen_weight_tile`).
+def chosen_configs() -> dict[str, str]:
+    """{kernel: its autotuned config per key} for every kernel that ran (benchmark rows)."""
+    from . import spp_backward, spp_forward
 
-    Returns (dense_like, meta_arg, stride_meta, NM_N, NM_M). dense_like has W's (m, n)
-    shape, dtype and device for `check_operands` and the grid: W itself when dense, a
-    zero-stride view of one element when packed (never a dense copy).
-    Dense: meta and nm are None; meta_arg is W (never read), NM_N = NM_M = 0.
-    Packed: weight is the values (m, n // M * N) with unit column stride, meta the int32
-    metadata (m, ceil((n // M) / G)), G = 32 // (N * log2(M)), nm = (N, M), M in {4, 8}.
-    """
-    if meta is None:
-        if nm is not None:
-            raise ValueError("csrc_triton: nm=(N, M) given without the packed metadata `meta`")
-        return weight, weight, 0, 0, 0
-    if (
-        not isinstance(nm, tuple)
-        or len(nm) != 2
-        or nm[1] not in (4, 8)
-        or not isinstance(nm[0], int)
-        or not 1 <= nm[0] < nm[1]
+    out = {}
+    for name, kernel in (
+        ("forward", spp_forward._spp_forward_kernel),
+        ("dx", spp_backward._spp_dx_kernel),
+        ("dalpha_dbeta", spp_backward._spp_dalpha_dbeta_kernel),
     ):
-        raise ValueError(f"csrc_triton: nm must be (N, M) with M in (4, 8), 1 <= N < M; got {nm!r}")
-    n_keep, m_group = nm
-    if weight.dim() != 2 or weight.shape[1] % n_keep:
-        raise ValueError(
-            f"csrc_triton: packed values must be 2-D (m, n // {m_group} * {n_keep}), got "
-            f"{tuple(weight.shape)}"
-        )
-    m, groups = weight.shape[0], weight.shape[1] // n_keep
-    per_word = 32 // (n_keep * (2 if m_group == 4 else 3))
-    expected = (m, -(-groups // per_word))
-    if meta.dtype != torch.int32 or tuple(meta.shape) != expected:
-        raise ValueError(
-            f"csrc_triton: packed meta must be int32 of shape {expected} for values "
-            f"{tuple(weight.shape)} and {n_keep}:{m_group}, got {meta.dtype} {tuple(meta.shape)}"
-        )
-    if meta.device != weight.device:
-        raise ValueError(
-            f"csrc_triton: values on {weight.device} but meta on {meta.device}; use one device"
-        )
-    if weight.stride(1) != 1 or meta.stride(1) != 1:
-        raise ValueError("csrc_triton: packed values and meta need unit column stride")
-    dense_like = weight.new_empty(()).expand(m, groups * m_group)
-    return dense_like, meta, meta.stride(0), n_keep, m_group
+        cache = getattr(kernel, "cache", {})
+        out[name] = {str(k): str(v) for k, v in cache.items()}
+    return out

@@ -1,8 +1,8 @@
 """Device-side decoding of N:M packed weights: a packed tile becomes a dense tile in registers.
 
-The packed format is the one of `spp_kernels.nm` (the single definition; this file only
-reads it). For a weight W (rows, cols) where each group of M consecutive columns holds at
-most N nonzeros, M in {4, 8}, M dividing cols:
+The packed format is the one of `spp_kernels.sparsity.nm` (the single definition; this
+file only reads it). For a weight W (rows, cols) where each group of M consecutive columns
+holds at most N nonzeros, M in {4, 8}, M dividing cols:
 
     values (rows, cols // M * N)   group k's kept entries at columns [k*N, (k+1)*N),
                                    ascending position order, zero-padded
@@ -16,9 +16,16 @@ most one j matches and the tile is selected, never summed: every value (and ever
 comes out bit-exact. The meta word may have its top bit set (2:4 packs 8 four-bit codes
 per word); the arithmetic right shift then fills with ones, which the code mask removes.
 
+Two decoders, chosen by the constexpr N:
+* N in {1, 2, 4} (2:4, 1:4, 2:8, 4:8, 1:8): the values of a tile are one contiguous
+  (rows, BLOCK_C // M * N) load per row (vectorised, coalesced) and each group's meta word
+  one load per group; the N kept values are split apart and placed in registers.
+* other N (3:8, ...; a tile width of 3 is not a Triton shape): per element, one meta word
+  and N candidate values (neighbouring entries share cache lines).
+
 Nothing here ever writes a dense weight to memory: the tile lives in registers and is fed
-straight to `tl.dot` by the fused SPP kernels (spp_forward.py, spp_backward.py), which read
-the frozen weight only through `_tiles.frozen_weight_tile` (constexpr NM_N, NM_M).
+straight to `tl.dot` by the fused SPP kernels, which read the frozen weight only through
+`_tiles.frozen_weight_tile` (constexpr NM_N, NM_M).
 """
 
 from __future__ import annotations
@@ -28,44 +35,97 @@ import triton.language as tl
 
 
 @triton.jit
+def _split_values(vals, rows: tl.constexpr, groups: tl.constexpr, N: tl.constexpr, j: tl.constexpr):
+    """Column j of every group from a (rows, groups * N) values tile: (rows, groups)."""
+    if N == 1:
+        return vals
+    elif N == 2:
+        a, b = tl.split(tl.reshape(vals, (rows, groups, 2)))
+        if j == 0:
+            return a
+        else:
+            return b
+    else:
+        tl.static_assert(N == 4, "vectorised N:M decode supports N in {1, 2, 4}")
+        # Value j sits at [..., j // 2, j % 2]: tl.split takes the last axis first.
+        even, odd = tl.split(tl.reshape(vals, (rows, groups, 2, 2)))
+        a, b = tl.split(even if j % 2 == 0 else odd)
+        if j // 2 == 0:
+            return a
+        else:
+            return b
+
+
+@triton.jit
 def nm_dense_tile(
     values_ptr,
     meta_ptr,
     rows,
-    cols,
-    mask,
+    rows_ok,
+    col0,
+    n,
     stride_values,
     stride_meta,
+    BLOCK_C: tl.constexpr,
     N: tl.constexpr,
     M: tl.constexpr,
 ):
-    """Dense tile W[rows, cols] of shape (len(rows), len(cols)) in the values' dtype.
+    """Dense tile W[rows, col0 : col0 + BLOCK_C] (len(rows), BLOCK_C) in the values' dtype.
 
-    rows (BLOCK_R,) and cols (BLOCK_C,) are integer offsets into W (m, n); mask
-    (BLOCK_R, BLOCK_C) marks the in-bounds entries (masked entries are 0). stride_values
-    and stride_meta are the row strides of values and meta (both have unit column stride).
-    Each entry reads one meta word and N candidate values; neighbouring entries share
-    them, so the loads hit the same cache lines and global traffic is the packed bytes.
+    rows (BLOCK_R,) are row offsets into W (m, n) with rows_ok marking the valid ones; col0
+    is a multiple of M (every kernel tile starts at a multiple of its width >= 16); columns
+    at or past n read as 0, as do invalid rows. stride_values and stride_meta are the row
+    strides of values and meta (both have unit column stride).
     """
     tl.static_assert(M == 4 or M == 8, "N:M tiles support M in {4, 8}")
     tl.static_assert(N >= 1 and N <= M, "N:M tiles need 1 <= N <= M")
     B: tl.constexpr = 2 + M // 8  # log2(M) for M in {4, 8}
     CODE_BITS: tl.constexpr = N * B
     GROUPS_PER_WORD: tl.constexpr = 32 // CODE_BITS
+    BLOCK_R: tl.constexpr = rows.shape[0]
     rows64 = rows.to(tl.int64)
-    group = cols // M
-    pos = (cols % M)[None, :]
-    shift = ((group % GROUPS_PER_WORD) * CODE_BITS)[None, :]
-    word = tl.load(
-        meta_ptr + rows64[:, None] * stride_meta + (group // GROUPS_PER_WORD)[None, :],
-        mask=mask,
-        other=0,
-    )
-    code = (word >> shift) & ((1 << CODE_BITS) - 1)
-    value_row = values_ptr + rows64[:, None] * stride_values
-    tile = tl.zeros(word.shape, dtype=values_ptr.dtype.element_ty)
-    for j in tl.static_range(N):
-        kept_pos = (code >> (j * B)) & (M - 1)
-        value = tl.load(value_row + (group * N + j)[None, :], mask=mask, other=0.0)
-        tile = tl.where(kept_pos == pos, value, tile)
-    return tile
+    if N == 1 or N == 2 or N == 4:
+        GROUPS: tl.constexpr = BLOCK_C // M
+        tl.static_assert(GROUPS * M == BLOCK_C, "tile width must be a multiple of M")
+        group = col0 // M + tl.arange(0, GROUPS)
+        group_ok = rows_ok[:, None] & (group * M < n)[None, :]
+        value_cols = col0 // M * N + tl.arange(0, GROUPS * N)
+        value_ok = rows_ok[:, None] & (value_cols < n // M * N)[None, :]
+        vals = tl.load(
+            values_ptr + rows64[:, None] * stride_values + value_cols[None, :],
+            mask=value_ok,
+            other=0.0,
+        )
+        word = tl.load(
+            meta_ptr + rows64[:, None] * stride_meta + (group // GROUPS_PER_WORD)[None, :],
+            mask=group_ok,
+            other=0,
+        )
+        shift = ((group % GROUPS_PER_WORD) * CODE_BITS)[None, :]
+        code = (word >> shift) & ((1 << CODE_BITS) - 1)
+        positions = tl.arange(0, M)[None, None, :]
+        tile = tl.zeros((BLOCK_R, GROUPS, M), dtype=values_ptr.dtype.element_ty)
+        for j in tl.static_range(N):
+            kept_pos = (code >> (j * B)) & (M - 1)
+            value = _split_values(vals, BLOCK_R, GROUPS, N, j)
+            tile = tl.where(kept_pos[:, :, None] == positions, value[:, :, None], tile)
+        return tl.reshape(tile, (BLOCK_R, BLOCK_C))
+    else:
+        cols = col0 + tl.arange(0, BLOCK_C)
+        mask = rows_ok[:, None] & (cols < n)[None, :]
+        group = cols // M
+        pos = (cols % M)[None, :]
+        shift = ((group % GROUPS_PER_WORD) * CODE_BITS)[None, :]
+        word = tl.load(
+            meta_ptr + rows64[:, None] * stride_meta + (group // GROUPS_PER_WORD)[None, :],
+            mask=mask,
+            other=0,
+        )
+        code = (word >> shift) & ((1 << CODE_BITS) - 1)
+        value_row = values_ptr + rows64[:, None] * stride_values
+        tile = tl.zeros(word.shape, dtype=values_ptr.dtype.element_ty)
+        for j in tl.static_range(N):
+            kept_pos = (code >> (j * B)) & (M - 1)
+            value = tl.load(value_row + (group * N + j)[None, :], mask=mask, other=0.0)
+            tile = tl.where(kept_pos == pos, value, tile)
+        return tile

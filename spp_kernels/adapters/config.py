@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..ops.validation import BACKENDS
+from ..ops.validation import BACKENDS, DEFAULT_DROPOUT, DEFAULT_R, DEFAULT_SCALE
 from .layer import INITS
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,9 +52,9 @@ class SPPConfig:
             SPPLinear.from_linear when not "dense".
     """
 
-    r: int = 16
-    scale: float = 2.0
-    dropout: float = 0.05
+    r: int = DEFAULT_R
+    scale: float = DEFAULT_SCALE
+    dropout: float = DEFAULT_DROPOUT
     target_modules: list[str] | str = field(default_factory=_default_targets)
     init: str = "paper"
     backend: str = "auto"

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..ops import spp_linear, spp_linear_packed
-from ..ops.torch_backend import effective_weight
-from ..ops.validation import check_backend
+from ..ops.merge import merged_weight
+from ..ops.validation import DEFAULT_DROPOUT, DEFAULT_R, DEFAULT_SCALE, check_backend
 from ..sparsity.nm import is_nm, nm_packed_nbytes, nm_pattern
 from ..sparsity.packed import PackedWeight
 
@@ -64,9 +64,9 @@ class SPPLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        r: int = 16,
-        scale: float = 2.0,
-        dropout: float = 0.0,
+        r: int = DEFAULT_R,
+        scale: float = DEFAULT_SCALE,
+        dropout: float = DEFAULT_DROPOUT,
         init: str = "paper",
         backend: str = "auto",
         device: torch.device | str | None = None,
@@ -121,9 +121,9 @@ class SPPLinear(nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
-        r: int = 16,
-        scale: float = 2.0,
-        dropout: float = 0.0,
+        r: int = DEFAULT_R,
+        scale: float = DEFAULT_SCALE,
+        dropout: float = DEFAULT_DROPOUT,
         *,
         init: str = "paper",
         backend: str = "auto",
@@ -245,7 +245,7 @@ class SPPLinear(nn.Module):
         layer, the sparsest pattern its weight satisfies; ValueError if none).
         """
         w = self.dense_weight()
-        merged = effective_weight(w, self.alpha, self.beta, self.scale).to(w.dtype)
+        merged = merged_weight(w, self.alpha, self.beta, self.scale).to(w.dtype)
         if not packed:
             return merged
         pattern = self.nm or nm_pattern(w)
@@ -268,7 +268,7 @@ class SPPLinear(nn.Module):
             dtype=w.dtype,
         )
         linear.weight = nn.Parameter(
-            effective_weight(w, self.alpha, self.beta, self.scale).to(w.dtype),
+            merged_weight(w, self.alpha, self.beta, self.scale).to(w.dtype),
             requires_grad=False,
         )
         if self.bias is not None:

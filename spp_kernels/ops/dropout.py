@@ -1,11 +1,23 @@
-"""Counter-based dropout masks that the Triton kernels regenerate instead of storing.
+"""The adapter's dropout mask: drawn once per forward call, kept as bits, read by backward.
 
-Element (t, i) of the 2-D input X (tokens, n) is kept when u(seed, t * n + i) >= p, where
-u is Triton's `tl.rand`: Philox-4x32 with 10 rounds, counter (offset_lo, offset_hi, 0, 0)
-and key (seed_lo, seed_hi), first output mapped to [0, 1). This module reproduces it
-bit-exactly in PyTorch integer arithmetic, so the torch backend, the references and the
-tests build the very mask the kernels use, on any device.
-Dropout(X) = X * keep / (1 - p).
+Dropout(X) = X * keep / (1 - p) for the 2-D input X (tokens, n). The keep-mask is drawn once
+per forward call and stored bit-packed, 1 bit per element of X:
+
+    bits (tokens, ceil(n / 8)) uint8,   keep[t, i] = (bits[t, i // 8] >> (i % 8)) & 1
+
+(T * n / 8 bytes: 16x less than the bf16 copy of Dropout(X) that LoRA implementations
+keep for backward). The forward saves the bits for backward; every kernel and the torch
+backend read bits, nothing regenerates random numbers. Padding bits (i >= n) are 0.
+
+Who draws (`draw_keep_bits`), one rule per device, so that the same seed on the same device
+gives the same mask bit for bit whatever the backend:
+  CUDA: a Triton kernel (csrc_triton/dropout_bits.py), Philox-4x32-10 keyed by the seed:
+        byte (t, j) takes bits 4h..4h+3 from `tl.rand4x(seed, 2 * (t * nb + j) + h)`,
+        h = 0, 1, nb = ceil(n / 8); one Philox evaluation per 4 elements.
+        (torch's CUDA generator when Triton is missing.)
+  CPU:  torch's own generator seeded with the seed: `torch.rand((tokens, 8 * nb)) >= p`.
+`philox_uniform4` reproduces the CUDA kernel's uniforms in PyTorch integer arithmetic: the
+test oracle of that kernel, never used on a hot path.
 """
 
 from __future__ import annotations
@@ -17,6 +29,123 @@ _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 # Triton's uint_to_uniform_float scale for 32-bit draws: the largest s with (2**31-1)*s < 1.
 _UNIFORM_SCALE = 4.6566127342e-10
+_BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)
+
+
+def bits_width(n: int) -> int:
+    """Bytes per row of the packed mask for rows of n elements: ceil(n / 8)."""
+    return (int(n) + 7) // 8
+
+
+def pack_keep_mask(keep: torch.Tensor) -> torch.Tensor:
+    """bool (tokens, n) -> packed uint8 (tokens, ceil(n / 8)), bit i % 8 of byte i // 8."""
+    if keep.dtype != torch.bool or keep.dim() != 2:
+        raise ValueError(
+            f"pack_keep_mask: expected a 2-D bool mask, got {keep.dtype} {tuple(keep.shape)}"
+        )
+    tokens, n = keep.shape
+    nb = bits_width(n)
+    if n != 8 * nb:
+        keep = torch.nn.functional.pad(keep, (0, 8 * nb - n))
+    weights = _BIT_WEIGHTS.to(keep.device)
+    return (keep.view(tokens, nb, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_keep_mask(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """Packed uint8 (tokens, ceil(n / 8)) -> bool (tokens, n)."""
+    check_keep_bits(bits, bits.shape[0], n)
+    weights = _BIT_WEIGHTS.to(device=bits.device, dtype=torch.uint8)
+    keep = (bits.unsqueeze(-1) & weights) != 0
+    return keep.reshape(bits.shape[0], -1)[:, :n]
+
+
+def check_keep_bits(bits: torch.Tensor, tokens: int, n: int) -> None:
+    """ValueError unless `bits` is a contiguous uint8 (tokens, ceil(n / 8)) mask."""
+    shape = (tokens, bits_width(n))
+    if (
+        not isinstance(bits, torch.Tensor)
+        or bits.dtype != torch.uint8
+        or tuple(bits.shape) != shape
+        or not bits.is_contiguous()
+    ):
+        got = f"{bits.dtype} {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) else bits
+        raise ValueError(
+            f"dropout keep bits must be a contiguous uint8 tensor of shape {shape} "
+            f"(tokens, ceil(n / 8)) for {tokens} tokens of n={n}; got {got}"
+        )
+
+
+def _cpu_keep_bits(tokens: int, n: int, p: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed) & ((1 << 63) - 1))
+    nb = bits_width(n)
+    keep = torch.rand((tokens, 8 * nb), generator=g) >= p
+    if n != 8 * nb:
+        keep[:, n:] = False
+    return pack_keep_mask(keep)
+
+
+def draw_keep_bits(
+    tokens: int, n: int, p: float, seed: int, device: torch.device | str
+) -> torch.Tensor:
+    """The packed keep-mask (tokens, ceil(n / 8)) uint8 for dropout rate p, drawn on `device`
+    with that device's generator (see the module docstring); all ones when p == 0."""
+    device = torch.device(device)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {p!r}")
+    if p == 0.0:
+        mask = torch.full((tokens, bits_width(n)), 0xFF, dtype=torch.uint8, device=device)
+        if n % 8:
+            mask[:, -1] = (1 << (n % 8)) - 1
+        return mask
+    if device.type == "cuda" and _has_triton():
+        from csrc_triton.dropout_bits import draw_keep_bits as triton_draw
+
+        return triton_draw(tokens, n, p, seed, device)
+    if device.type == "cuda":
+        g = torch.Generator(device=device).manual_seed(int(seed) & ((1 << 63) - 1))
+        keep = torch.rand((tokens, 8 * bits_width(n)), generator=g, device=device) >= p
+        keep[:, n:] = False
+        return pack_keep_mask(keep)
+    return _cpu_keep_bits(tokens, n, p, seed).to(device)
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def dropout_mask(
+    shape: tuple[int, int] | torch.Size,
+    p: float,
+    seed: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Keep-mask (bool, `shape` = (tokens, n)) that the op draws on `device` for rate p and
+    `seed` (the unpacked `draw_keep_bits`)."""
+    tokens, n = shape
+    bits = draw_keep_bits(tokens, n, p, seed, device or "cpu")
+    return unpack_keep_mask(bits, n)
+
+
+def apply_keep_mask(x2d: torch.Tensor, bits: torch.Tensor | None, p: float) -> torch.Tensor:
+    """Dropout(X) = X * keep / (1 - p) with the packed mask; X itself when p == 0."""
+    if p == 0.0 or bits is None:
+        return x2d
+    keep = unpack_keep_mask(bits, x2d.shape[1])
+    return x2d * keep.to(x2d.dtype) * (1.0 / (1.0 - p))
+
+
+def new_seed() -> torch.Tensor:
+    """A fresh dropout seed from torch's default generator: a 0-d int64 CPU tensor.
+
+    A tensor rather than an int so that torch.compile traces it as data instead of
+    specialising the graph on its value.
+    """
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+# ---- test oracle of the CUDA kernel -----------------------------------------------------
 
 
 def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,8 +158,8 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (prod >> 32) & _MASK32, prod & _MASK32
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms in [0, 1) equal to `tl.rand(seed, offsets)` for int64 offsets."""
+def philox_uniform4(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 (..., 4): the four uniforms of `tl.rand4x(seed, offsets)` for int64 offsets."""
     offsets = offsets.to(torch.int64)
     c0 = offsets & _MASK32
     c1 = (offsets >> 32) & _MASK32
@@ -44,35 +173,17 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    words = torch.stack((c0, c1, c2, c3), dim=-1)
+    signed = torch.where(words >= 2**31, words - 2**32, words)
     signed = torch.where(signed < 0, -signed - 1, signed)
     return signed.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def dropout_mask(
-    shape: tuple[int, int] | torch.Size,
-    p: float,
-    seed: int,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Keep-mask (bool, `shape` = (tokens, n)) that the kernels use for dropout rate p."""
-    tokens, n = shape
-    offsets = torch.arange(tokens * n, device=device, dtype=torch.int64).view(tokens, n)
-    return philox_uniform(seed, offsets) >= p
-
-
-def apply_dropout(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Dropout(X) = X * keep / (1 - p) with the kernels' mask; identity when p == 0."""
-    if p == 0.0:
-        return x2d
-    keep = dropout_mask(x2d.shape, p, seed, x2d.device)
-    return x2d * keep.to(x2d.dtype) * (1.0 / (1.0 - p))
-
-
-def new_seed() -> torch.Tensor:
-    """A fresh dropout seed from torch's default generator: a 0-d int64 CPU tensor.
-
-    A tensor rather than an int so that torch.compile traces it as data instead of
-    specialising the graph on its value.
-    """
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
+def philox_keep_bits(tokens: int, n: int, p: float, seed: int) -> torch.Tensor:
+    """The packed mask the CUDA kernel draws, computed on the CPU in PyTorch (test oracle)."""
+    nb = bits_width(n)
+    byte = torch.arange(tokens * nb, dtype=torch.int64).view(tokens, nb)
+    u = philox_uniform4(seed, torch.stack((2 * byte, 2 * byte + 1), dim=-1))  # (t, nb, 2, 4)
+    keep = (u >= p).reshape(tokens, 8 * nb)
+    keep[:, n:] = False
+    return pack_keep_mask(keep)

@@ -3,7 +3,8 @@
 Both compute, with plain autograd,
     W'[o, i] = W[o, i] * alpha[g(o), i] * beta[o],   g(o) = floor(o * r / m)
     Y = X W^T + scale * Dropout(X) W'^T + bias                      (paper Eq. 5)
-and take the same arguments as `spp_kernels.spp_linear`.
+and take the same arguments as `spp_kernels.spp_linear` (the same seed or keep_mask gives
+the same dropout mask, see spp_kernels.ops.dropout).
 
 - `spp_linear_naive` materialises Repeat(alpha) and W' (m, n) and autograd keeps them for
   backward: the authors' default implementation.
@@ -17,17 +18,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dropout import apply_dropout, new_seed
+from .dropout import dropout_mask, new_seed, unpack_keep_mask
 from .groups import row_groups
-from .validation import check_spp_args
+from .validation import DEFAULT_SCALE, check_spp_args
 
 
-def _dropped(x: torch.Tensor, dropout_p: float, training: bool, seed: int | None) -> torch.Tensor:
+def _dropped(
+    x: torch.Tensor,
+    dropout_p: float,
+    training: bool,
+    seed: int | None,
+    keep_mask: torch.Tensor | None,
+) -> torch.Tensor:
     if not training or dropout_p == 0.0:
         return x
-    seed = int(new_seed()) if seed is None else seed
-    x2d = x.reshape(-1, x.shape[-1])
-    return apply_dropout(x2d, dropout_p, seed).view(x.shape)
+    n = x.shape[-1]
+    if keep_mask is None:
+        seed = int(new_seed()) if seed is None else int(seed)
+        keep = dropout_mask((x.numel() // n, n), dropout_p, seed, x.device)
+    elif keep_mask.dtype == torch.bool:
+        keep = keep_mask.reshape(-1, n)
+    else:
+        keep = unpack_keep_mask(keep_mask, n)
+    return x * keep.view(x.shape).to(x.dtype) * (1.0 / (1.0 - dropout_p))
 
 
 def spp_linear_naive(
@@ -37,11 +50,12 @@ def spp_linear_naive(
     beta: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    scale: float = 1.0,
+    scale: float = DEFAULT_SCALE,
     dropout_p: float = 0.0,
     training: bool = True,
     backend: str = "auto",
     seed: int | None = None,
+    keep_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SPP linear with W' materialised: Y = X W^T + scale * D(X) (W * Repeat(alpha) * beta)^T + b."""
     del backend  # accepted for signature compatibility
@@ -49,7 +63,8 @@ def spp_linear_naive(
     m = weight.shape[0]
     repeated = alpha[row_groups(m, alpha.shape[0], alpha.device)]  # Repeat(alpha): (m, n)
     w_prime = weight * repeated.to(weight.dtype) * beta.to(weight.dtype)[:, None]
-    y = F.linear(x, weight) + scale * F.linear(_dropped(x, dropout_p, training, seed), w_prime)
+    xd = _dropped(x, dropout_p, training, seed, keep_mask)
+    y = F.linear(x, weight) + scale * F.linear(xd, w_prime)
     return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -60,18 +75,19 @@ def spp_linear_blocked(
     beta: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    scale: float = 1.0,
+    scale: float = DEFAULT_SCALE,
     dropout_p: float = 0.0,
     training: bool = True,
     backend: str = "auto",
     seed: int | None = None,
+    keep_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SPP linear as the paper's Eq. 7: for each block j, Y_j += scale * (D(X) * alpha_j) W_j^T * beta_j."""
     del backend
     check_spp_args(x, weight, alpha, beta, bias, scale, dropout_p)
     m = weight.shape[0]
     r = alpha.shape[0]
-    xd = _dropped(x, dropout_p, training, seed)
+    xd = _dropped(x, dropout_p, training, seed, keep_mask)
     groups = row_groups(m, r)
     bounds = torch.searchsorted(groups, torch.arange(r + 1), right=False).tolist()
     blocks = []

@@ -1,92 +1,118 @@
-"""Pure-PyTorch SPP forward and backward: the CPU path and the fallback.
+"""Pure-PyTorch SPP forward and backward: the CPU path, the float64 path and the fallback.
 
-Same math as the Triton kernels (csrc_triton/), and the same calling convention, on 2-D
-inputs X (tokens, n), W (m, n), alpha (r, n), beta (m,). Nothing of size (m, n) is saved
-for backward: the effective weight and G = dY^T D(X) are rebuilt as temporaries.
+Same math and calling convention as the Triton backend, on 2-D inputs X (tokens, n),
+W (m, n) (`Frozen`, dense or N:M packed), alpha (r, n), beta (m,), and the dropout keep
+bits of the forward call (spp_kernels.ops.dropout):
 
-Forward, no dropout:  Y = X W_eff^T + b,  W_eff = W * (1 + scale * alpha[g] * beta)
-Forward, dropout:     Y = X W^T + scale * (D(X) (W * alpha[g])^T) * beta + b
-Backward:             dX = dY W + scale * D'((dY * beta) (W * alpha[g]))   (D' = same mask)
-                      G  = dY^T D(X)                         (m, n), fp32 accumulation
-                      dbeta[o]     = scale * sum_i alpha[g(o), i] W[o, i] G[o, i]
-                      dalpha[j, i] = scale * sum_{g(o)=j} beta[o] W[o, i] G[o, i]
+    Y      = X W_eff^T + b,   W_eff = W * (1 + s * alpha[g] * beta)            (p == 0)
+    Y      = X W^T + b + (keep * X) W''^T,  W'' = W * alpha[g] * s * beta / (1 - p)
+    dX     = dY W_eff   or   dY W + keep * (dY W'')
+    G      = dY^T (keep * X) / (1 - p)                              (rows chunk, fp32)
+    dbeta[o]     = s * sum_i alpha[g(o), i] W[o, i] G[o, i]
+    dalpha[j, i] = s * sum_{g(o)=j} beta[o] W[o, i] G[o, i]
+
+Y and dX go through spp_kernels.ops.chunked (row chunks of at most CHUNK_BYTES); G is
+contracted chunk by chunk too, so no (m, n) temporary exceeds the chunk budget and
+nothing (m, n) is saved for backward. The keep-mask is unpacked once per call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .dropout import apply_dropout
-from .groups import group_sum, times_alpha_rows
+from . import chunked
+from .dropout import unpack_keep_mask
+from .frozen import Frozen
+from .groups import group_sum_, row_chunks, times_alpha_rows
+from .merge import acc_dtype, merged_weight
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _builder(frozen: Frozen, alpha: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype):
+    m = frozen.m
+    acc = acc_dtype(dtype)
+
+    def build(row0: int, rows: int, mode: str, scale: float) -> torch.Tensor:
+        w = frozen.rows(row0, rows)
+        if mode == "weight":
+            return w.to(dtype)
+        if mode == "merged":
+            return merged_weight(w, alpha, beta, scale, row0, m).to(dtype)
+        coef = beta[row0 : row0 + rows].to(acc).mul(scale)[:, None]
+        return times_alpha_rows(w.to(acc) * coef, alpha.to(acc), m, row0).to(dtype)
+
+    return build
 
 
-def effective_weight(
-    weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """W * (1 + scale * alpha[g(o)] * beta[o]) in the accumulation dtype, zeros kept bitwise.
-
-    This is the merged weight W + scale * W'; the `where` keeps every zero of W (including
-    -0.0) even if the factor is not finite.
-    """
-    acc = _acc_dtype(weight.dtype)
-    factor = times_alpha_rows(beta.to(acc)[:, None] * scale, alpha.to(acc)) + 1.0
-    w = weight.to(acc)
-    return torch.where(weight == 0, w, w * factor)
+def _keep(bits: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if bits is None else unpack_keep_mask(bits, n).to(dtype)
 
 
 def forward(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    frozen: Frozen,
     alpha: torch.Tensor,
     beta: torch.Tensor,
     bias: torch.Tensor | None,
     scale: float,
     dropout_p: float,
-    seed: int,
+    bits: torch.Tensor | None,
 ) -> torch.Tensor:
     """Y (tokens, m) in x's dtype."""
-    if dropout_p == 0.0:
-        y = x @ effective_weight(weight, alpha, beta, scale).to(x.dtype).t()
-    else:
-        acc = _acc_dtype(x.dtype)
-        w_alpha = times_alpha_rows(weight.to(acc), alpha.to(acc)).to(x.dtype)
-        adapter = (apply_dropout(x, dropout_p, seed) @ w_alpha.t()).to(acc)
-        y = ((x @ weight.t()).to(acc) + adapter * (scale * beta.to(acc))).to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y
+    build = _builder(frozen, alpha, beta, x.dtype)
+
+    def kept_x() -> torch.Tensor:
+        return x * _keep(bits, frozen.n, x.dtype)
+
+    return chunked.forward(
+        x, frozen.m, alpha.shape[0], bias, scale, dropout_p, build, frozen.dense, kept_x
+    )
 
 
 def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
-    weight: torch.Tensor,
+    frozen: Frozen,
     alpha: torch.Tensor,
     beta: torch.Tensor,
     scale: float,
     dropout_p: float,
-    seed: int,
+    bits: torch.Tensor | None,
     need_dx: bool = True,
     need_dalpha_dbeta: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dX in x's dtype, dalpha in alpha's dtype, dbeta in beta's dtype); None where not needed."""
-    acc = _acc_dtype(x.dtype)
+    """(dX in x's dtype, dalpha in alpha's dtype, dbeta in beta's dtype); None where not needed.
+
+    dy may arrive in another floating dtype (a mixed-precision loss): it is cast to x's.
+    """
+    if dy.dtype != x.dtype:
+        dy = dy.to(x.dtype)
+    m, n, r = frozen.m, frozen.n, alpha.shape[0]
+    keep = _keep(bits, n, x.dtype) if dropout_p > 0.0 else None
     dx = dalpha = dbeta = None
     if need_dx:
-        if dropout_p == 0.0:
-            dx = dy @ effective_weight(weight, alpha, beta, scale).to(dy.dtype)
-        else:
-            w_alpha = times_alpha_rows(weight.to(acc), alpha.to(acc)).to(dy.dtype)
-            dy_beta = (dy.to(acc) * (scale * beta.to(acc))).to(dy.dtype)
-            adapter = apply_dropout(dy_beta @ w_alpha, dropout_p, seed)
-            dx = ((dy @ weight).to(acc) + adapter.to(acc)).to(x.dtype)
+        build = _builder(frozen, alpha, beta, x.dtype)
+        dx = chunked.backward_dx(
+            dy, m, r, n, scale, dropout_p, build, frozen.dense, lambda out, a: out.addcmul_(a, keep)
+        )
     if need_dalpha_dbeta:
-        g = dy.to(acc).t() @ apply_dropout(x, dropout_p, seed).to(acc)  # (m, n)
-        p = g.mul_(weight.to(acc)).mul_(scale)
-        dbeta = times_alpha_rows(p, alpha.to(acc)).sum(1).to(beta.dtype)
-        dalpha = group_sum(p.mul_(beta.to(acc)[:, None]), alpha.shape[0]).to(alpha.dtype)
+        dalpha, dbeta = _dalpha_dbeta(dy, x, frozen, alpha, beta, scale, dropout_p, keep)
     return dx, dalpha, dbeta
+
+
+def _dalpha_dbeta(dy, x, frozen, alpha, beta, scale, dropout_p, keep):
+    """G = dY^T (keep * X) row chunk by row chunk, contracted at once (float32 / float64)."""
+    acc = acc_dtype(x.dtype)
+    m, n, r = frozen.m, frozen.n, alpha.shape[0]
+    xd = x.to(acc) if keep is None else x.to(acc) * keep
+    alpha_acc, beta_acc = alpha.to(acc), beta.to(acc)
+    dalpha = torch.zeros((r, n), dtype=acc, device=x.device)
+    dbeta = torch.empty((m,), dtype=acc, device=x.device)
+    coef = scale / (1.0 - dropout_p)
+    itemsize = torch.empty((), dtype=acc).element_size()
+    for row0, rows in row_chunks(m, n, r, itemsize, chunked.CHUNK_BYTES):
+        g = dy[:, row0 : row0 + rows].to(acc).t() @ xd  # (rows, n)
+        p = g.mul_(frozen.rows(row0, rows).to(acc)).mul_(coef)
+        dbeta[row0 : row0 + rows] = times_alpha_rows(p, alpha_acc, m, row0).sum(1)
+        group_sum_(dalpha, p.mul_(beta_acc[row0 : row0 + rows, None]), m, row0)
+        del g, p
+    return dalpha.to(alpha.dtype), dbeta.to(beta.dtype)

@@ -12,6 +12,11 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TORCH_DTYPES = (*FLOAT_DTYPES, torch.float64)
 BACKENDS = ("auto", "triton", "torch")
+# The paper's hyper-parameters, the one default for the op, SPPLinear, SPPConfig and the CLI
+# (the functional op alone defaults dropout to 0: see spp_linear's docstring).
+DEFAULT_SCALE = 2.0
+DEFAULT_DROPOUT = 0.05
+DEFAULT_R = 16
 
 
 def check_spp_args(

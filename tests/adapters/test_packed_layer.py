@@ -290,19 +290,6 @@ def test_get_spp_model_auto_packs_pruned_llama_and_matches_dense():
         )
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_packed_op_registration_passes_opcheck(backend):
-    from spp_kernels.ops.linear import spp_linear_nm_fwd
-
-    device = DEVICE if backend == "triton" else "cpu"
-    packed = PackedWeight.from_dense(nm_linear(n=32, m=12).weight.detach().to(device), 2, 4)
-    x = torch.randn(5, 32, device=device, requires_grad=True)
-    alpha = torch.randn(3, 32, device=device, requires_grad=True)
-    beta = torch.randn(12, device=device, requires_grad=True)
-    args = (x, packed.values, packed.meta, alpha, beta, None, 2, 4, 2.0, 0.1, torch.tensor(7))
-    torch.library.opcheck(spp_linear_nm_fwd, (*args, backend))
-
-
 def test_packed_layer_compiles_without_graph_breaks():
     layer = SPPLinear.from_linear(nm_linear(), r=2, dropout=0.1, weight_format="nm")
     layer.backend = "torch"

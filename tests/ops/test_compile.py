@@ -81,3 +81,32 @@ def test_compiled_dropout_draws_fresh_masks_and_trains():
     a.sum().backward()
     assert layer.alpha.grad is not None and layer.beta.grad.abs().sum() > 0
     assert layer.weight.grad is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("dropout_p,given_mask", [(0.0, False), (0.1, False), (0.1, True)])
+def test_op_family_passes_opcheck(backend, packed, dropout_p, given_mask):
+    """torch.library.opcheck on the one custom-op family: schema, fake (meta) impls, autograd
+    registration and aot dispatch, for dense and N:M packed weights, with the mask drawn by
+    the op or given by the caller."""
+    from spp_kernels.ops.dropout import draw_keep_bits
+    from spp_kernels.ops.linear import spp_linear_fwd
+    from spp_kernels.sparsity.packed import PackedWeight
+    from tests.helpers import DEVICE
+
+    device = DEVICE if backend == "triton" else "cpu"
+    w = torch.randn(12, 32, device=device) * (
+        torch.rand(12, 8, 4, device=device).argsort(-1) < 2
+    ).reshape(12, 32)
+    x = torch.randn(5, 32, device=device, requires_grad=True)
+    alpha = torch.randn(3, 32, device=device, requires_grad=True)
+    beta = torch.randn(12, device=device, requires_grad=True)
+    if packed:
+        pw = PackedWeight.from_dense(w, 2, 4)
+        weight, meta, pattern = pw.values, pw.meta, (2, 4)
+    else:
+        weight, meta, pattern = w, None, (0, 0)
+    keep = draw_keep_bits(5, 32, dropout_p, 3, device) if given_mask else None
+    args = (x, weight, meta, alpha, beta, None, *pattern, 2.0, dropout_p, torch.tensor(7), keep)
+    torch.library.opcheck(spp_linear_fwd, (*args, backend))

@@ -15,8 +15,10 @@ import triton.language as tl
 
 from csrc_triton.nm_tiles import nm_dense_tile
 from spp_kernels.ops import torch_backend, triton_backend
+from spp_kernels.ops.dropout import draw_keep_bits
+from spp_kernels.ops.frozen import Frozen
 from spp_kernels.sparsity.nm import nm_compress, nm_decompress
-from tests.helpers import HAS_CUDA
+from tests.helpers import HAS_CUDA, TOL
 
 # The Triton 3.6 interpreter turns 1-element loop bounds into ints via a deprecated numpy path.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
@@ -25,21 +27,42 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Max |error| / max |reference| against the float64 oracle: fp32 (no TF32) is exact up to
 # summation order; half types are bounded by rounding of inputs, W_eff and the output.
-TOL = {torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _bits(x, dropout_p, seed):
+    """The keep bits the op would draw for (seed, x's device), or None without dropout."""
+    return draw_keep_bits(*x.shape, dropout_p, seed, x.device) if dropout_p > 0 else None
 
 
 def nm_forward(x, values, meta, alpha, beta, bias, n_keep, m_group, scale, dropout_p, seed):
     """Y from the packed weight through the fused forward kernel."""
-    nm = (n_keep, m_group)
+    frozen = Frozen(values, meta, (n_keep, m_group), x.shape[1])
+    bits = _bits(x, dropout_p, seed)
     return triton_backend.forward(
-        x, values, alpha, beta, bias, scale, dropout_p, seed, meta=meta, nm=nm
+        x, frozen, alpha, beta, bias, scale, dropout_p, bits, path="fused"
     )
 
 
-def nm_backward(dy, x, values, meta, alpha, beta, n_keep, m_group, *args):
+def nm_backward(dy, x, values, meta, alpha, beta, n_keep, m_group, scale, dropout_p, seed, *flags):
     """(dX, dalpha, dbeta) from the packed weight through the fused backward kernels."""
-    nm = (n_keep, m_group)
-    return triton_backend.backward(dy, x, values, alpha, beta, *args, meta=meta, nm=nm)
+    frozen = Frozen(values, meta, (n_keep, m_group), x.shape[1])
+    bits = _bits(x, dropout_p, seed)
+    return triton_backend.backward(
+        dy, x, frozen, alpha, beta, scale, dropout_p, bits, *flags, path="fused"
+    )
+
+
+def dense_forward(backend, x, w, alpha, beta, bias, scale, dropout_p, seed, **kw):
+    frozen = Frozen(w, None, None, x.shape[1])
+    return backend.forward(
+        x, frozen, alpha, beta, bias, scale, dropout_p, _bits(x, dropout_p, seed), **kw
+    )
+
+
+def dense_backward(backend, dy, x, w, alpha, beta, scale, dropout_p, seed, *flags, **kw):
+    frozen = Frozen(w, None, None, x.shape[1])
+    bits = _bits(x, dropout_p, seed)
+    return backend.backward(dy, x, frozen, alpha, beta, scale, dropout_p, bits, *flags, **kw)
 
 
 def nm_sparse(m: int, n: int, n_keep: int, m_group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -65,9 +88,12 @@ def _decode_kernel(
     BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col0 = tl.program_id(1) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
     mask = (rows < m)[:, None] & (cols < n)[None, :]
-    tile = nm_dense_tile(values_ptr, meta_ptr, rows, cols, mask, stride_values, stride_meta, N, M)
+    tile = nm_dense_tile(
+        values_ptr, meta_ptr, rows, rows < m, col0, n, stride_values, stride_meta, BLOCK_C, N, M
+    )
     tl.store(out_ptr + rows[:, None] * n + cols[None, :], tile, mask=mask)
 
 
@@ -139,9 +165,9 @@ def test_fused_kernels_match_float64_oracle(n_keep, m_group, dtype, dropout_p):
         dy, x, values, meta, alpha, beta, n_keep, m_group, scale, dropout_p, seed
     )
     w64, x64, a64, be64, b64, dy64 = _f64(w, x, alpha, beta, b, dy)
-    y_ref = torch_backend.forward(x64, w64, a64, be64, b64, scale, dropout_p, seed)
-    dx_ref, da_ref, db_ref = torch_backend.backward(
-        dy64, x64, w64, a64, be64, scale, dropout_p, seed
+    y_ref = dense_forward(torch_backend, x64, w64, a64, be64, b64, scale, dropout_p, seed)
+    dx_ref, da_ref, db_ref = dense_backward(
+        torch_backend, dy64, x64, w64, a64, be64, scale, dropout_p, seed
     )
     assert y.dtype == dtype and dx.dtype == dtype
     assert dalpha.dtype == alpha.dtype and dbeta.dtype == beta.dtype
@@ -159,8 +185,8 @@ def test_ragged_shapes_and_group_maps(tokens, m, r):
     y = nm_forward(x, values, meta, alpha, beta, b, 2, 4, 2.0, 0.0, 0)
     dx, dalpha, dbeta = nm_backward(dy, x, values, meta, alpha, beta, 2, 4, 2.0, 0.0, 0)
     w64, x64, a64, be64, b64, dy64 = _f64(w, x, alpha, beta, b, dy)
-    dx_ref, da_ref, db_ref = torch_backend.backward(dy64, x64, w64, a64, be64, 2.0, 0.0, 0)
-    assert _rel(y, torch_backend.forward(x64, w64, a64, be64, b64, 2.0, 0.0, 0)) < 2e-6
+    dx_ref, da_ref, db_ref = dense_backward(torch_backend, dy64, x64, w64, a64, be64, 2.0, 0.0, 0)
+    assert _rel(y, dense_forward(torch_backend, x64, w64, a64, be64, b64, 2.0, 0.0, 0)) < 2e-6
     assert _rel(dx, dx_ref) < 2e-6
     assert _rel(dalpha, da_ref) < 2e-6
     assert _rel(dbeta, db_ref) < 2e-6
@@ -171,7 +197,7 @@ def test_backward_flags_strided_x_and_empty_tokens():
     wide = torch.randn(x.shape[0], 2 * x.shape[1], device=DEVICE)
     x_strided = wide[:, ::2]  # column stride 2
     y = nm_forward(x_strided, values, meta, alpha, beta, None, 2, 8, 1.0, 0.0, 0)
-    y_ref = torch_backend.forward(x_strided.contiguous(), w, alpha, beta, None, 1.0, 0.0, 0)
+    y_ref = dense_forward(torch_backend, x_strided.contiguous(), w, alpha, beta, None, 1.0, 0.0, 0)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     dx, dalpha, dbeta = nm_backward(
         dy, x, values, meta, alpha, beta, 2, 8, 1.0, 0.0, 0, True, False
@@ -197,8 +223,8 @@ def test_packed_equals_dense_weight_kernels(n_keep, m_group, dtype, dropout_p):
         *nm_backward(dy, x, values, meta, alpha, beta, n_keep, m_group, *args),
     )
     dense = (
-        triton_backend.forward(x, w, alpha, beta, b, *args),
-        *triton_backend.backward(dy, x, w, alpha, beta, *args),
+        dense_forward(triton_backend, x, w, alpha, beta, b, *args, path="fused"),
+        *dense_backward(triton_backend, dy, x, w, alpha, beta, *args, path="fused"),
     )
     for got, ref in zip(packed, dense):
         assert got.dtype == ref.dtype and got.shape == ref.shape
@@ -222,72 +248,6 @@ def test_malformed_packed_inputs_raise_before_launch():
     with pytest.raises(ValueError, match="x must be 2-D"):
         nm_forward(x[:, :-4], values, meta, alpha, beta, b, 2, 4, 1.0, 0.0, 0)
     with pytest.raises(ValueError, match="without the packed metadata"):
-        triton_backend.forward(x, values, alpha, beta, b, 1.0, 0.0, 0, nm=(2, 4))
+        from csrc_triton.spp_forward import spp_linear_forward
 
-
-_COMPILE_FOR_HOPPER = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import csrc_triton.spp_backward as B
-import csrc_triton.spp_forward as F
-
-dropout, (n_keep, m_group) = sys.argv[1] == "1", (int(sys.argv[2]), int(sys.argv[3]))
-DATA = {"x_ptr", "w_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
-FLOATS = {"scale", "keep_scale", "dropout_p", "grad_scale"}
-
-
-def compile_kernel(kernel, consts, config):
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):
-        kernel = kernel.fn  # unwrap autotune / heuristics
-    sig = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name == "meta_ptr":
-            sig[name] = "*i32"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp16" if name in DATA else "*fp32"
-        else:
-            sig[name] = "fp32" if name in FLOATS else ("i64" if name == "seed" else "i32")
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    assert compiled.asm["cubin"] and "mma" in compiled.asm["ptx"], kernel
-
-
-base = dict(DROPOUT=dropout, NM_N=n_keep, NM_M=m_group, UPCAST=False, PRECISION="tf32", NUM_GROUPS=2)
-c = F.FORWARD_CONFIGS[0]
-compile_kernel(F._spp_forward_kernel, dict(base, HAS_BIAS=True, **c.kwargs), c)
-c = B.DX_CONFIGS[0]
-compile_kernel(B._spp_dx_kernel, dict(base, **c.kwargs), c)
-c = B.DAB_CONFIGS[0]
-compile_kernel(B._spp_dalpha_dbeta_kernel, dict(base, BLOCK_M=B.DAB_BLOCK_M, BLOCK_N=B.DAB_BLOCK_N, GROUP_M=B.DAB_GROUP_M, **c.kwargs), c)
-print("compiled")
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dropout,n_keep,m_group", [(False, 2, 4), (True, 2, 8)])
-def test_packed_kernels_compile_for_hopper(dropout, n_keep, m_group):
-    """Without a GPU: the fused kernels with a packed fp16 weight lower to sm_90 cubins with
-    tensor-core MMAs (the GPU configs, not the interpreter's).
-
-    Runs in a subprocess without TRITON_INTERPRET (under it @triton.jit gives interpreted
-    functions, which cannot be compiled); Triton ships ptxas, so no CUDA install is needed.
-    """
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", _COMPILE_FOR_HOPPER, "1" if dropout else "0", str(n_keep)]
-        + [str(m_group)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+        spp_linear_forward(x, values, alpha, beta, b, 1.0, 0.0, nm=(2, 4))
