@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._launch import INTERPRET
 
-BLOCK_T = 16 if INTERPRET else 64
+BLOCK_T = 16 if INTERPRET else 32
 BLOCK_BYTES = 16 if INTERPRET else 64
 
 

@@ -19,8 +19,8 @@ g(o) = floor(o*r/m). Given dY (T, m):
    built in registers (exactly as in the forward); p > 0: dY @ W and dY @ W'' from the same
    W tile into two accumulators, and the epilogue applies keep (read from the bits) to the
    second. The row groups of each step are advanced incrementally (no division in the
-   loop). The product is accumulated transposed, dX^T = W_eff^T dY^T, so the rebuilt
-   weight tile is the first MMA operand (Hopper's wgmma takes it from registers).
+   loop). The rebuilt weight tile is the second MMA operand, which Hopper's wgmma reads
+   from shared memory (a register operand serialised the wgmma pipeline).
 
 2. G contraction (_spp_dalpha_dbeta_kernel, both paths). Program (pid_o, pid_i) accumulates
    the tile G[o0:o0+BLOCK_M, i0:i0+BLOCK_N] = sum over token blocks (BLOCK_K, the reduction
@@ -79,10 +79,10 @@ def _dx_config(bt: int, bn: int, bk: int, warps: int, stages: int, group: int = 
 
 # First = the pinned config (SPP_TRITON_CONFIGS=first); all spill-free at sm_90a.
 DX_CONFIGS = [
-    _dx_config(64, 128, 64, 4, 3),
+    _dx_config(64, 128, 64, 8, 3),
     _dx_config(128, 128, 64, 8, 3),
-    _dx_config(32, 128, 64, 4, 4),
     _dx_config(64, 64, 64, 4, 4),
+    _dx_config(128, 128, 32, 8, 4),
 ]
 DX_INTERPRETER_CONFIG = _dx_config(16, 16, 16, 4, 1, group=2)
 
@@ -159,10 +159,12 @@ def _spp_dx_kernel(
     step_groups = (BLOCK_K * r) // m
     step_rem = (BLOCK_K * r) % m
 
-    # Accumulate dX^T (BLOCK_N, BLOCK_T): the weight tile, rebuilt in registers, is the first
-    # MMA operand (Hopper's wgmma reads it from registers) and dY^T comes from shared memory.
-    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    acc_ad = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    # dX tile (BLOCK_T, BLOCK_N) = dY tile (BLOCK_T, BLOCK_K) @ W_eff tile (BLOCK_K, BLOCK_N):
+    # the rebuilt weight tile is the second MMA operand, which Hopper's wgmma reads from
+    # shared memory, so no non-wgmma instruction touches the accumulators inside the
+    # wgmma pipeline (a register operand serialised every wgmma: benchmarks/NOTES.md).
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    acc_ad = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for o0 in range(0, m, BLOCK_K):
         rows = o0 + lanes
         m_ok = rows < m
@@ -181,22 +183,18 @@ def _spp_dx_kernel(
         )  # fmt: skip
         beta = tl.load(beta_ptr + rows * stride_beta, mask=m_ok, other=0.0).to(tl.float32)
         if DROPOUT:
-            acc = mma(tl.trans(w), tl.trans(dy), acc, UPCAST, PRECISION)
+            acc = mma(dy, w, acc, UPCAST, PRECISION)
             w_ad = adapter_tile(w, alpha_g, scale * keep_scale * beta)
-            acc_ad = mma(tl.trans(w_ad), tl.trans(dy), acc_ad, UPCAST, PRECISION)
+            acc_ad = mma(dy, w_ad, acc_ad, UPCAST, PRECISION)
         else:
-            w_eff = effective_tile(w, alpha_g, scale * beta)
-            acc = mma(tl.trans(w_eff), tl.trans(dy), acc, UPCAST, PRECISION)
+            acc = mma(dy, effective_tile(w, alpha_g, scale * beta), acc, UPCAST, PRECISION)
         first, rem = advance_groups(first, rem, step_rem, step_groups, m)
 
-    out_mask = n_ok[:, None] & t_ok[None, :]
+    out_mask = t_ok[:, None] & n_ok[None, :]
     if DROPOUT:
-        keep = tl.trans(
-            keep_tile(keep_ptr, offs_t, cols, stride_keep, t_ok[:, None] & n_ok[None, :])
-        )
-        acc += tl.where(keep, acc_ad, 0.0)
+        acc += tl.where(keep_tile(keep_ptr, offs_t, cols, stride_keep, out_mask), acc_ad, 0.0)
     dx_ptrs = (
-        dx_ptr + offs_t.to(tl.int64)[None, :] * stride_dxt + cols.to(tl.int64)[:, None] * stride_dxn
+        dx_ptr + offs_t.to(tl.int64)[:, None] * stride_dxt + cols.to(tl.int64)[None, :] * stride_dxn
     )
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 

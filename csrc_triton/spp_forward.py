@@ -24,14 +24,15 @@ touches are loaded as vectors and selected per row, or gathered when r is close 
 
 * p == 0: W_eff tile = W * (1 + s*beta*alpha[g]) in float32 registers, rounded to the
   input dtype, one tl.dot:  acc += W_eff_tile @ X_tile^T.
-* p > 0:  W'' = W * alpha[g] * s*beta/(1-p) from the same W tile, and ONE tl.dot over the
-  doubled reduction [W | W''] @ [X | keep*X]^T (the two operand tiles are interleaved the
-  same way along K with tl.join): one accumulator, the same registers as p == 0.
+* p > 0:  W'' = W * alpha[g] * s*beta/(1-p) from the same W tile; W'' carries the whole
+  per-row adapter scale, so acc += W X^T and acc += W'' (keep*X)^T share one accumulator
+  (the same registers as p == 0; the keep-mask comes from the forward's bits).
 
-The tiles are accumulated transposed, Y^T = W_eff X^T, so the weight tile rebuilt in
-registers is the first MMA operand, which Hopper's wgmma reads straight from registers
-(its second operand, the X tile, is pipelined through shared memory). Programs are
-launched in grouped order so a W panel is reused from L2. Epilogue: + bias, one store.
+The weight tile rebuilt in registers is stored to shared memory once per step and is the
+second MMA operand (the X tile, the first, is pipelined through shared memory by cp.async):
+with it as Hopper's register operand instead, ptxas serialised every wgmma (C7515).
+Programs are launched in grouped order so a W panel is reused from L2. Epilogue: + bias,
+one store.
 
 N:M packed weights (constexpr NM_M > 0): W arrives as values (m, n/M*N) and int32
 metadata and each W tile is decoded in registers by _tiles.frozen_weight_tile; the rest
@@ -77,10 +78,9 @@ def _config(bt: int, bm: int, bk: int, warps: int, stages: int, group: int = 8) 
 # GPU configs, first = the pinned one (SPP_TRITON_CONFIGS=first). Each compiles without
 # spills at sm_90a for every variant (benchmarks/kernel_report.py, benchmarks/NOTES.md).
 FORWARD_CONFIGS = [
-    _config(64, 128, 64, 4, 3),
-    _config(128, 128, 64, 8, 3),
-    _config(32, 128, 64, 4, 4),
     _config(64, 64, 64, 4, 4),
+    _config(128, 128, 64, 8, 3),
+    _config(128, 128, 32, 8, 4),
 ]
 # Small tiles under the interpreter: tests then cross many tile and group boundaries.
 FORWARD_INTERPRETER_CONFIG = _config(16, 16, 16, 4, 1, group=2)
@@ -156,9 +156,11 @@ def _spp_forward_kernel(
     row_scale = scale * beta
     adapter_scale = row_scale * keep_scale
 
-    # Accumulate Y^T (BLOCK_M, BLOCK_T): the weight tile, rebuilt in registers, is the
-    # first MMA operand, which Hopper's wgmma can read from registers.
-    acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
+    # Y tile (BLOCK_T, BLOCK_M) = X tile @ W_eff tile^T: the rebuilt weight tile is the second
+    # MMA operand, which Hopper's wgmma reads from shared memory, so no non-wgmma instruction
+    # touches the accumulator inside the wgmma pipeline (with the tile as the register
+    # operand ptxas serialised every wgmma: benchmarks/NOTES.md).
+    acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         k_ok = cols < n
@@ -174,21 +176,20 @@ def _spp_forward_kernel(
         )  # fmt: skip
         if DROPOUT:
             x_kept = tl.where(keep_tile(keep_ptr, offs_t, cols, stride_keep, x_mask), x, 0.0)
+            # W'' carries s * beta / (1 - p) per row, so both products share one accumulator.
+            acc = mma(x, tl.trans(w), acc, UPCAST, PRECISION)
             w_ad = adapter_tile(w, alpha_g, adapter_scale)
-            # [W | W''] @ [X | keep*X]^T as one product over the doubled K axis.
-            a = tl.reshape(tl.join(w, w_ad), (BLOCK_M, 2 * BLOCK_K))
-            b = tl.reshape(tl.join(x, x_kept.to(x.dtype)), (BLOCK_T, 2 * BLOCK_K))
-            acc = mma(a, tl.trans(b), acc, UPCAST, PRECISION)
+            acc = mma(x_kept.to(x.dtype), tl.trans(w_ad), acc, UPCAST, PRECISION)
         else:
-            acc = mma(effective_tile(w, alpha_g, row_scale), tl.trans(x), acc, UPCAST, PRECISION)
+            acc = mma(x, tl.trans(effective_tile(w, alpha_g, row_scale)), acc, UPCAST, PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_m * stride_bias, mask=m_ok, other=0.0).to(tl.float32)
-        acc += bias[:, None]
+        acc += bias[None, :]
     y_ptrs = (
-        y_ptr + offs_t.to(tl.int64)[None, :] * stride_yt + offs_m.to(tl.int64)[:, None] * stride_ym
+        y_ptr + offs_t.to(tl.int64)[:, None] * stride_yt + offs_m.to(tl.int64)[None, :] * stride_ym
     )
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & t_ok[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & m_ok[None, :])
 
 
 def spp_linear_forward(
