@@ -18,6 +18,7 @@ import importlib
 import json
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,20 +60,27 @@ def select(available: list[str], only: str | None, exclude: str | None) -> list[
     return [n for n in chosen if n not in dropped]
 
 
-def _check_rows(name: str, rows: Any) -> list[dict]:
-    if not isinstance(rows, list):
-        raise TypeError(f"bench_{name}.run must return a list of rows, got {type(rows).__name__}")
-    for row in rows:
-        missing = [k for k in common.ROW_KEYS if k not in row]
-        if missing:
-            raise ValueError(f"bench_{name}: row {row} lacks keys {missing}")
-    return rows
+def _check_row(name: str, row: Any) -> dict:
+    if not isinstance(row, dict):
+        raise TypeError(f"bench_{name}.run must yield row dicts, got {type(row).__name__}")
+    missing = [k for k in common.ROW_KEYS if k not in row]
+    if missing:
+        raise ValueError(f"bench_{name}: row {row} lacks keys {missing}")
+    return row
 
 
 def run_benchmarks(
-    names: list[str], quick: bool, device: str
+    names: list[str],
+    quick: bool,
+    device: str,
+    flush: Callable[[list[dict], list[dict]], None] | None = None,
 ) -> tuple[list[dict], list[dict], list[dict]]:
-    """(rows, notes, errors) of running each named benchmark; a failure does not stop the rest."""
+    """(rows, notes, errors) of running each named benchmark; a failure does not stop the rest.
+
+    A benchmark's `run(quick, device)` returns or yields rows; they are kept as they come, so
+    an interruption (SIGTERM) or a crash keeps every row measured before it. `flush(rows,
+    errors)` is called after each row (it throttles itself) and after each benchmark.
+    """
     rows: list[dict] = []
     errors: list[dict] = []
     for name in names:
@@ -81,21 +89,25 @@ def run_benchmarks(
             continue
         start = time.monotonic()
         print(f"== bench_{name} ({'quick' if quick else 'full'}, {device})", flush=True)
+        count = 0
         try:
             module = importlib.import_module(f"benchmarks.bench_{name}")
-            got = _check_rows(name, module.run(quick, device))
+            for row in module.run(quick, device) or ():
+                row = _check_row(name, row)
+                row["bench"] = name
+                rows.append(row)
+                count += 1
+                if flush is not None:
+                    flush(rows, errors)
         except common.Interrupted:
-            errors.append({"bench": name, "error": "interrupted (SIGTERM); its rows are lost"})
-            continue
+            errors.append({"bench": name, "error": f"interrupted (SIGTERM) after {count} rows"})
         except Exception as e:  # one broken benchmark must not lose the others' results
             traceback.print_exc()
             errors.append({"bench": name, "error": f"{type(e).__name__}: {e}"[:2000]})
             common.release_memory(device)
-            continue
-        for row in got:
-            row["bench"] = name
-        rows.extend(got)
-        print(f"== bench_{name}: {len(got)} rows in {time.monotonic() - start:.1f} s", flush=True)
+        if flush is not None:
+            flush(rows, errors, force=True)
+        print(f"== bench_{name}: {count} rows in {time.monotonic() - start:.1f} s", flush=True)
     return rows, common.take_notes(), errors
 
 
@@ -187,7 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     common.set_deadline(args.time_budget)
     common.interrupt_on_sigterm()
     meta = common.metadata(device, args.quick)
-    rows, notes, errors = run_benchmarks(names, args.quick, device)
+    last_flush = [0.0]
+
+    def flush(rows: list[dict], errors: list[dict], force: bool = False) -> None:
+        # Partial results on disk every 20 s: a killed run (timeout, SIGKILL) keeps them.
+        if force or time.monotonic() - last_flush[0] > 20:
+            write_results(args.out, meta, names, [dict(r) for r in rows], common.peek_notes(),
+                          errors, plot=False)  # fmt: skip
+            last_flush[0] = time.monotonic()
+
+    rows, notes, errors = run_benchmarks(names, args.quick, device, flush)
     paths = write_results(args.out, meta, names, rows, notes, errors, plot=not args.no_plot)
     merged_rows = json.loads(paths["json"].read_text())["rows"]
     entry = summary_entry(meta, merged_rows, paths["json"].name)

@@ -154,6 +154,11 @@ def note(bench: str, message: str) -> None:
     print(f"[{bench}] note: {message}", flush=True)
 
 
+def peek_notes() -> list[dict[str, str]]:
+    """The notes so far, without clearing them."""
+    return list(_notes)
+
+
 def take_notes() -> list[dict[str, str]]:
     """The notes recorded since the last call, and forget them."""
     notes = list(_notes)

@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 
 from . import chunked
-from .dropout import unpack_keep_mask
+from .dropout import keep_values
 from .frozen import Frozen
-from .groups import group_sum_, row_chunks, times_alpha_rows
-from .merge import acc_dtype, merged_weight
+from .groups import row_chunks, row_groups, times_alpha_rows
+from .merge import acc_dtype, merge_factor
 
 
 def _builder(frozen: Frozen, alpha: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype):
@@ -36,7 +36,10 @@ def _builder(frozen: Frozen, alpha: torch.Tensor, beta: torch.Tensor, dtype: tor
         if mode == "weight":
             return w.to(dtype)
         if mode == "merged":
-            return merged_weight(w, alpha, beta, scale, row0, m).to(dtype)
+            # W * factor: this chunk only feeds a product, so the zero-keeping select of
+            # merge.merged_weight (for finite-factor guarantees on merged weights) is skipped.
+            factor = merge_factor(alpha, beta[row0 : row0 + rows], scale, m, row0, acc)
+            return factor.mul_(w).to(dtype)
         coef = beta[row0 : row0 + rows].to(acc).mul(scale)[:, None]
         return times_alpha_rows(w.to(acc) * coef, alpha.to(acc), m, row0).to(dtype)
 
@@ -44,7 +47,7 @@ def _builder(frozen: Frozen, alpha: torch.Tensor, beta: torch.Tensor, dtype: tor
 
 
 def _keep(bits: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if bits is None else unpack_keep_mask(bits, n).to(dtype)
+    return None if bits is None else keep_values(bits, n, dtype)
 
 
 def forward(
@@ -100,19 +103,33 @@ def backward(
 
 
 def _dalpha_dbeta(dy, x, frozen, alpha, beta, scale, dropout_p, keep):
-    """G = dY^T (keep * X) row chunk by row chunk, contracted at once (float32 / float64)."""
+    """G = dY^T (keep * X) row chunk by row chunk, contracted at once (float32 / float64).
+
+    P = G * W (in place on the chunk of G); then dbeta[o] = c * <P[o], alpha[g(o)]> and
+    dalpha[j] = c * sum_{g(o)=j} beta[o] P[o], c = s / (1 - p): batched products over
+    the groups when the chunk is made of whole groups (no (m, n) temporary beyond P).
+    """
     acc = acc_dtype(x.dtype)
     m, n, r = frozen.m, frozen.n, alpha.shape[0]
     xd = x.to(acc) if keep is None else x.to(acc) * keep
     alpha_acc, beta_acc = alpha.to(acc), beta.to(acc)
     dalpha = torch.zeros((r, n), dtype=acc, device=x.device)
     dbeta = torch.empty((m,), dtype=acc, device=x.device)
-    coef = scale / (1.0 - dropout_p)
     itemsize = torch.empty((), dtype=acc).element_size()
     for row0, rows in row_chunks(m, n, r, itemsize, chunked.CHUNK_BYTES):
-        g = dy[:, row0 : row0 + rows].to(acc).t() @ xd  # (rows, n)
-        p = g.mul_(frozen.rows(row0, rows).to(acc)).mul_(coef)
-        dbeta[row0 : row0 + rows] = times_alpha_rows(p, alpha_acc, m, row0).sum(1)
-        group_sum_(dalpha, p.mul_(beta_acc[row0 : row0 + rows, None]), m, row0)
-        del g, p
-    return dalpha.to(alpha.dtype), dbeta.to(beta.dtype)
+        p = dy[:, row0 : row0 + rows].to(acc).t() @ xd  # G chunk (rows, n)
+        p.mul_(frozen.rows(row0, rows).to(acc))
+        beta_rows = beta_acc[row0 : row0 + rows]
+        if m % r == 0 and row0 % (m // r) == 0 and rows % (m // r) == 0:
+            size = m // r
+            g0, k = row0 // size, rows // size
+            blocks = p.view(k, size, n)
+            dbeta[row0 : row0 + rows] = torch.bmm(blocks, alpha_acc[g0 : g0 + k, :, None]).view(-1)
+            dalpha[g0 : g0 + k] += torch.bmm(beta_rows.view(k, 1, size), blocks).view(k, n)
+        else:
+            dbeta[row0 : row0 + rows] = times_alpha_rows(p, alpha_acc, m, row0).sum(1)
+            groups = row_groups(m, r, x.device, row0, rows)
+            dalpha.index_add_(0, groups, p.mul_(beta_rows[:, None]))
+        del p
+    coef = scale / (1.0 - dropout_p)
+    return dalpha.mul_(coef).to(alpha.dtype), dbeta.mul_(coef).to(beta.dtype)
