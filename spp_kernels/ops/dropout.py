@@ -98,7 +98,7 @@ def _cpu_keep_bits(tokens: int, n: int, p: float, seed: int) -> torch.Tensor:
 
 @functools.cache
 def _unpack_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+    bits = (torch.arange(256, dtype=torch.uint8)[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
     return bits.to(device=device, dtype=dtype)
 
 
