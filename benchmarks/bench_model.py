@@ -34,7 +34,8 @@ from . import common
 BENCH = "model"
 KERNEL = "llama_train_step"
 # Order matters under a time budget: the two the summary compares come first.
-PROVIDERS = ("spp-triton", "lora", "spp-naive", "spp-torch")
+# LoRA first: the model-level ratio needs it, and a time budget only cuts the tail.
+PROVIDERS = ("lora", "spp-triton", "spp-torch", "spp-naive")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 R = 16
 SCALE = 2.0
@@ -215,25 +216,24 @@ def measure_provider(provider: str, plan: dict, device: str) -> list[dict]:
     ]
 
 
-def run(quick: bool, device: str) -> list[dict]:
+def run(quick: bool, device: str):
+    """Rows of every provider, yielded as each is measured (LoRA first)."""
     plan = QUICK if quick else FULL
     providers = list(PROVIDERS)
     reason = common.triton_unavailable(device)
     if reason is not None:
         providers.remove("spp-triton")
         common.note(BENCH, reason.replace("triton:", "spp-triton:", 1))
-    rows: list[dict] = []
     for i, provider in enumerate(providers):
         if common.out_of_time():
             common.note(BENCH, f"time budget spent; not measured: {', '.join(providers[i:])}")
             break
         print(f"[{BENCH}] {provider}", flush=True)
         try:
-            rows.extend(measure_provider(provider, plan, device))
+            yield from measure_provider(provider, plan, device)
         except (RuntimeError, ValueError, TypeError) as e:
             common.note(BENCH, f"{provider} failed: {type(e).__name__}: {e}"[:500])
         except common.Interrupted:
             common.note(BENCH, f"interrupted (SIGTERM); not measured: {', '.join(providers[i:])}")
             break
         common.release_memory(device)  # the provider's model is garbage by now
-    return rows

@@ -388,15 +388,14 @@ def model_step_rows(quick: bool, device: str) -> list[dict[str, Any]]:
     return rows
 
 
-def run(quick: bool, device: str) -> list[dict[str, Any]]:
-    """All rows for `device`; see the module docstring."""
-    rows = weight_bytes_rows()
-    rows += layer_resident_rows(quick, device)
-    rows += model_resident_rows(device)
+def run(quick: bool, device: str):
+    """All rows for `device`, yielded group by group; see the module docstring."""
+    yield from weight_bytes_rows()
+    yield from layer_resident_rows(quick, device)
+    yield from model_resident_rows(device)
     reason = common.triton_unavailable(device)
     if reason is not None:
         common.note(BENCH, f"{reason}; packed-vs-dense time and step-peak rows skipped")
-        return rows
-    rows += layer_timing_rows(quick, device)
-    rows += model_step_rows(quick, device)
-    return rows
+        return
+    yield from layer_timing_rows(quick, device)
+    yield from model_step_rows(quick, device)

@@ -3,7 +3,7 @@
 Rows (shared schema, fp16, mode "forward", metric "time"):
   kernel "linear_2to4"   Y = X W^T for W (m, n) magnitude-pruned 2:4, X (tokens, n); provider
                          "dense" (F.linear, cuBLAS) or the semi-structured backend
-                         ("cusparselt" / "cutlass", chosen by spp_kernels.sparse24.resolve_backend);
+                         ("cusparselt" / "cutlass", chosen by spp_kernels.sparse24.semi_structured_backend);
                          x = tokens: prefill-sized (2048..16384) and decode-sized (1..64).
                          Sparse rows carry extra.speedup_vs_dense = dense median / sparse
                          median (below 1 where 2:4 is slower, typically at decode sizes),
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from spp_kernels.sparsity.sparse24 import (
     compress,
     decompress,
-    resolve_backend,
+    semi_structured_backend,
     semi_structured_weight,
     to_semi_structured,
 )
@@ -242,13 +242,12 @@ def _pack_rows(quick: bool, device: str) -> list[dict]:
     return rows
 
 
-def run(quick: bool, device: str) -> list[dict]:
-    """Benchmark rows for `device` ("cpu" or "cuda[:i]"); see the module docstring."""
-    rows = _pack_rows(quick, device)
-    backend, reason = resolve_backend(device, "auto")
+def run(quick: bool, device: str):
+    """Benchmark rows for `device` ("cpu" or "cuda[:i]"), yielded group by group."""
+    yield from _pack_rows(quick, device)
+    backend, reason = semi_structured_backend(device, "auto")
     if backend is None:
         common.note(BENCH, f"2:4 semi-structured matmul not measured: {reason}")
-        return rows
-    rows += _linear_rows(quick, device, backend)
-    rows += _prefill_rows(quick, device, backend)
-    return rows
+        return
+    yield from _linear_rows(quick, device, backend)
+    yield from _prefill_rows(quick, device, backend)

@@ -311,9 +311,9 @@ def triton_unavailable(device: str) -> str | None:
             "TRITON_INTERPRET=1, far too slow to time meaningfully)"
         )
     try:
-        from spp_kernels import triton_backend  # noqa: F401
+        from spp_kernels.ops import triton_backend  # noqa: F401
     except ImportError as e:
-        return f"triton: not measured, spp_kernels.triton_backend does not import ({e})"
+        return f"triton: not measured, spp_kernels.ops.triton_backend does not import ({e})"
     return None
 
 
@@ -390,9 +390,44 @@ def metadata(device: str, quick: bool) -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "cuda": torch.version.cuda if not on_cpu else None,
+        "driver": _driver_version() if not on_cpu else None,
+        "gpu": torch.cuda.get_device_name(0) if not on_cpu else None,
+        "git_commit": git_commit(),
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
     }
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver version (nvidia-smi), or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (
+        out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    )
+
+
+def git_commit() -> str | None:
+    """The commit being measured: $SPP_GIT_COMMIT (a copied tree has no .git), else git's."""
+    import subprocess
+
+    if os.environ.get("SPP_GIT_COMMIT"):
+        return os.environ["SPP_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20,
+            cwd=Path(__file__).resolve().parent,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def slug(text: str) -> str:

@@ -34,6 +34,8 @@ TARGETS = {
     "slowdown_vs_frozen": ("<=", 1.6),
     "memory_vs_lora": ("<=", 1.05),
     "tokens_per_s_vs_lora": (">=", 0.8),
+    "slowdown_vs_frozen_p005": ("<=", 2.7),
+    "speedup_vs_naive_p005": (">=", 1.2),
 }
 
 
@@ -48,8 +50,10 @@ def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def _values(rows: list[dict], provider: str, metric: str, quick: bool) -> dict[str, float]:
-    """shape -> median of the reference spp_linear rows of one provider."""
+def _values(
+    rows: list[dict], provider: str, metric: str, quick: bool, dropout: float = 0.0
+) -> dict[str, float]:
+    """shape -> median of the reference spp_linear rows of one provider at one dropout."""
     _, tokens = reference(quick)
     return {
         r["extra"]["shape"]: r["median"]
@@ -60,13 +64,17 @@ def _values(rows: list[dict], provider: str, metric: str, quick: bool) -> dict[s
         and r["mode"] == "full"
         and r["x_value"] == tokens
         and r["extra"].get("sparsity") == SPARSITY
+        and r["extra"].get("dropout", 0.0) == dropout
     }
 
 
-def _ratio(rows: list[dict], num: str, den: str, metric: str, quick: bool) -> float | None:
+def _ratio(
+    rows: list[dict], num: str, den: str, metric: str, quick: bool, dropout: float = 0.0
+) -> float | None:
     """Geometric mean over the reference shapes of median(num) / median(den), or None."""
     shapes, _ = reference(quick)
-    a, b = _values(rows, num, metric, quick), _values(rows, den, metric, quick)
+    a = _values(rows, num, metric, quick, dropout)
+    b = _values(rows, den, metric, quick, dropout)
     if not all(s in a and s in b and a[s] > 0 and b[s] > 0 for s in shapes):
         return None
     return _geomean([a[s] / b[s] for s in shapes])
@@ -85,13 +93,18 @@ def _model_ratio(rows: list[dict], spp: str) -> float | None:
 
 
 def ratios(rows: list[dict], spp: str, quick: bool) -> dict[str, float | None]:
-    """The five headline ratios for one SPP provider ("triton" or "torch")."""
+    """The headline ratios for one SPP provider ("triton" or "torch"), p = 0 and 0.05."""
+    p = bench_linear.DROPOUT
     return {
         "speedup_vs_naive": _ratio(rows, "naive", spp, "time", quick),
         "speedup_vs_blocked": _ratio(rows, "blocked", spp, "time", quick),
         "slowdown_vs_frozen": _ratio(rows, spp, "frozen", "time", quick),
         "memory_vs_lora": _ratio(rows, spp, "lora", "memory", quick),
         "tokens_per_s_vs_lora": _model_ratio(rows, f"spp-{spp}"),
+        "slowdown_vs_frozen_p005": _ratio(rows, spp, "frozen", "time", quick, p),
+        "speedup_vs_naive_p005": _ratio(rows, "naive", spp, "time", quick, p),
+        "packed_slowdown_vs_frozen": _ratio(rows, f"{spp}-packed", "frozen", "time", quick),
+        "fused_vs_chunked": _ratio(rows, f"{spp}-fused", spp, "time", quick),
     }
 
 
@@ -113,6 +126,11 @@ def summary_entry(meta: dict[str, Any], rows: list[dict], results_file: str) -> 
     return {
         "device": meta["device"],
         "date": meta["date"],
+        "timestamp": meta.get("timestamp"),
+        "git_commit": meta.get("git_commit"),
+        "gpu": meta.get("gpu"),
+        "cuda": meta.get("cuda"),
+        "driver": meta.get("driver"),
         "torch": meta["torch"],
         "triton": meta["triton"],
         "quick": quick,
@@ -133,15 +151,25 @@ def summary_entry(meta: dict[str, Any], rows: list[dict], results_file: str) -> 
 
 
 def update_summary(path: str | Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
-    """Replace the entry of the same device and mode in summary.json (or add it)."""
+    """Add `entry` to summary.json, replacing only the entry of the same device, mode and
+    commit: every measured commit keeps its own entry (a history, not a last value)."""
     path = Path(path)
     entries = json.loads(path.read_text()) if path.exists() else []
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
-    key = (entry["device"], entry["quick"])
-    entries = [e for e in entries if (e.get("device"), e.get("quick")) != key]
+
+    def key(e: dict[str, Any]) -> tuple:
+        return e.get("device"), e.get("quick"), e.get("git_commit")
+
+    entries = [e for e in entries if key(e) != key(entry)]
     entries.append(entry)
-    entries.sort(key=lambda e: (e.get("quick", False), e.get("device", "")))
+    entries.sort(
+        key=lambda e: (
+            e.get("quick", False),
+            e.get("device", ""),
+            e.get("timestamp") or e.get("date", ""),
+        )
+    )
     write_json_atomic(path, entries)
     return entries
 
@@ -174,14 +202,19 @@ def _linear_tables(rows: list[dict]) -> list[str]:
             cells: dict[tuple, dict[str, float]] = {}
             for r in linear:
                 if r["metric"] == metric and r["extra"]["sparsity"] == sparsity:
-                    key = (r["extra"]["shape"], r["x_value"], r["mode"])
+                    key = (
+                        r["extra"]["shape"],
+                        r["x_value"],
+                        r["extra"].get("dropout", 0.0),
+                        r["mode"],
+                    )
                     cells.setdefault(key, {})[r["provider"]] = r["median"]
             lines.append(f"#### spp_linear {metric} ({unit}), {sparsity} weights\n")
             body = [
-                [shape, str(tokens), mode, *(_fmt(v.get(p)) for p in providers)]
-                for (shape, tokens, mode), v in cells.items()
+                [shape, str(tokens), f"{p:g}", mode, *(_fmt(v.get(q)) for q in providers)]
+                for (shape, tokens, p, mode), v in cells.items()
             ]
-            lines += _table(["shape (m x n)", "tokens", "mode", *providers], body)
+            lines += _table(["shape (m x n)", "tokens", "dropout", "mode", *providers], body)
     return lines
 
 

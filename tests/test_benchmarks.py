@@ -47,10 +47,19 @@ def test_quick_mode_end_to_end(tmp_path, keep_threads, capsys):
         assert 0 <= row["p20"] <= row["median"] <= row["p80"]
         assert row["median"] > 0
     linear = [r for r in rows if r["kernel"] == bench_linear.KERNEL]
-    expected = set(bench_linear.PROVIDERS) - {"triton"}
+    expected = set(bench_linear.PROVIDERS) - set(bench_linear.TRITON_PROVIDERS)
     assert {r["provider"] for r in linear} == expected
-    n_cases = len(bench_linear.cases(quick=True))
-    assert len(linear) == n_cases * len(expected) * len(common.MODES) * 2
+    planned = [
+        (case, p)
+        for case, providers in bench_linear.plan(quick=True)
+        for p in providers
+        if p not in bench_linear.TRITON_PROVIDERS
+    ]
+    per_provider = {
+        p: 1 if p in bench_linear.TIME_ONLY else len(common.MODES) * 2 for _, p in planned
+    }
+    assert len(linear) == sum(per_provider[p] for _, p in planned)
+    assert {r["extra"]["dropout"] for r in linear} == {0.0, bench_linear.DROPOUT}
     model = [r for r in rows if r["kernel"] == bench_model.KERNEL]
     assert {r["provider"] for r in model} == {"spp-torch", "spp-naive", "lora"}
     assert all(r["extra"]["tokens_per_s"] > 0 for r in model)
@@ -65,7 +74,8 @@ def test_quick_mode_end_to_end(tmp_path, keep_threads, capsys):
         assert entry["targets"][name]["met"] is None
         assert entry["torch_backend"][name] > 0
     report = (tmp_path / f"{stem}.md").read_text()
-    assert "CPU quick mode" in report and "| torch | naive | blocked |" in report
+    assert "CPU quick mode" in report and "| dropout | mode | frozen |" in report
+    assert all(f"| {p} |" in report for p in ("naive", "blocked", "torch", "lora"))
     capsys.readouterr()  # drop the runner's output
     assert summary.main([str(tmp_path / f"{stem}.json"), "--compact"]) == 0
     compact = capsys.readouterr().out
@@ -134,15 +144,17 @@ def test_summary_ratio_is_none_unless_every_reference_shape_was_measured():
     assert got["tokens_per_s_vs_lora"] is None
 
 
-def test_update_summary_keeps_one_entry_per_device_and_mode(tmp_path):
+def test_update_summary_keeps_one_entry_per_device_mode_and_commit(tmp_path):
     path = tmp_path / "summary.json"
-    base = {"device": "GPU A", "quick": False, "date": "d1"}
+    base = {"device": "GPU A", "quick": False, "date": "d1", "git_commit": "aaa"}
     summary.update_summary(path, base)
     summary.update_summary(path, {**base, "quick": True})
-    entries = summary.update_summary(path, {**base, "date": "d2"})
-    assert [(e["device"], e["quick"], e["date"]) for e in entries] == [
-        ("GPU A", False, "d2"),
-        ("GPU A", True, "d1"),
+    summary.update_summary(path, {**base, "date": "d2"})  # same commit: replaced
+    entries = summary.update_summary(path, {**base, "date": "d3", "git_commit": "bbb"})
+    assert [(e["quick"], e["date"], e["git_commit"]) for e in entries] == [
+        (False, "d2", "aaa"),
+        (False, "d3", "bbb"),  # a new commit is appended, the old one kept
+        (True, "d1", "aaa"),
     ]
     path.write_text("{}")
     with pytest.raises(ValueError, match="JSON list"):

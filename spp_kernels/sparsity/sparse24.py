@@ -40,7 +40,7 @@ from .nm import PACKABLE_DTYPES, check_nm, is_nm, nm_compress, nm_decompress, nm
 from .report import is_adapter_layer
 
 __all__ = [
-    "BACKENDS",
+    "SEMI_STRUCTURED_BACKENDS",
     "SemiStructuredReport",
     "check_2to4",
     "compress",
@@ -49,12 +49,13 @@ __all__ = [
     "llama_compressed_fraction",
     "load_compressed",
     "resolve_backend",
+    "semi_structured_backend",
     "save_compressed",
     "semi_structured_weight",
     "to_semi_structured",
 ]
 
-BACKENDS = ("auto", "cusparselt", "cutlass")
+SEMI_STRUCTURED_BACKENDS = ("auto", "cusparselt", "cutlass")
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 TENSORS_FILE = "model_2to4.safetensors"
 MANIFEST_FILE = "model_2to4.json"
@@ -96,7 +97,7 @@ def decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 # ---- backend choice ---------------------------------------------------------------------
 
 
-def resolve_backend(
+def semi_structured_backend(
     device: torch.device | str, backend: str = "auto"
 ) -> tuple[str | None, str | None]:
     """The semi-structured backend for weights on ``device``: (name, None) or (None, reason).
@@ -105,8 +106,8 @@ def resolve_backend(
     CUTLASS on 8.x. An explicit "cutlass" on a 9.x GPU is refused: PyTorch builds its CUTLASS
     2:4 kernels for 8.x only.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in SEMI_STRUCTURED_BACKENDS:
+        raise ValueError(f"backend must be one of {SEMI_STRUCTURED_BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if device.type != "cuda":
         return None, f"weights are on {device}; 2:4 sparse tensor cores need a CUDA GPU"
@@ -157,7 +158,7 @@ def _force_cutlass(value: bool) -> Iterator[None]:
 def semi_structured_weight(weight: torch.Tensor, backend: str) -> torch.Tensor:
     """``weight`` (m, n), 2:4, on a CUDA device, as a SparseSemiStructuredTensor of ``backend``.
 
-    backend: "cusparselt" or "cutlass" (resolve "auto" with ``resolve_backend`` first). The
+    backend: "cusparselt" or "cutlass" (resolve "auto" with ``semi_structured_backend`` first). The
     class flag ``_FORCE_CUTLASS`` is set for the call and restored afterwards; the result's
     class is checked, so a PyTorch that ignored the flag would fail loudly rather than
     silently use the other backend.
@@ -297,7 +298,7 @@ def to_semi_structured(
     Args:
         model: a merged model (no SPPLinear left; call ``merge_and_unload()`` first).
         modules: names or nn.Linear objects to convert; None = every nn.Linear of the model.
-        backend: "auto", "cusparselt" or "cutlass" (see ``resolve_backend``).
+        backend: "auto", "cusparselt" or "cutlass" (see ``semi_structured_backend``).
 
     Returns (model, report). A layer is converted when its weight is on a supported GPU,
     float16/bfloat16, its shape is a multiple of the backend's tile and it is 2:4; every
@@ -308,8 +309,10 @@ def to_semi_structured(
     Raises ValueError (before changing anything) if the model holds unmerged SPPLinear
     layers or ``backend`` is unknown; TypeError for a listed module that is not nn.Linear.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"to_semi_structured: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in SEMI_STRUCTURED_BACKENDS:
+        raise ValueError(
+            f"to_semi_structured: backend must be one of {SEMI_STRUCTURED_BACKENDS}, got {backend!r}"
+        )
     what = "to_semi_structured"
     _refuse_unmerged(model, what)
     linears = _selected_linears(model, modules, what)
@@ -321,7 +324,7 @@ def to_semi_structured(
     for name, linear in linears.items():
         device = linear.weight.device
         if device not in resolved:
-            resolved[device] = resolve_backend(device, backend)
+            resolved[device] = semi_structured_backend(device, backend)
         chosen, unsupported = resolved[device]
         if chosen is None:
             report.skipped[name] = unsupported
@@ -580,3 +583,8 @@ def llama_compressed_fraction(config: Any, dtype: torch.dtype = torch.float16) -
     norms = (2 * layers + 1) * hidden * itemsize
     other = heads + norms
     return (linear_packed + other) / (linear_dense + other)
+
+
+# Deprecated aliases (spp-kernels 0.1.0 names, which collided with spp_kernels.ops'):
+resolve_backend = semi_structured_backend
+BACKENDS = SEMI_STRUCTURED_BACKENDS

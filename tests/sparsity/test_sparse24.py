@@ -19,8 +19,8 @@ from spp_kernels.sparsity.sparse24 import (
     is_2to4,
     llama_compressed_fraction,
     load_compressed,
-    resolve_backend,
     save_compressed,
+    semi_structured_backend,
     to_semi_structured,
 )
 from tests.helpers import make_tiny_llama
@@ -129,8 +129,8 @@ def test_unmerged_spp_linear_is_refused_before_anything_changes():
 
 
 def test_backend_resolution(monkeypatch):
-    assert resolve_backend("cpu")[0] is None
-    assert "CUDA GPU" in resolve_backend("cpu")[1]
+    assert semi_structured_backend("cpu")[0] is None
+    assert "CUDA GPU" in semi_structured_backend("cpu")[1]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
     def gpu(cc, cusparselt):
@@ -138,21 +138,21 @@ def test_backend_resolution(monkeypatch):
         monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: cusparselt)
 
     gpu((9, 0), True)  # H100/H200
-    assert resolve_backend("cuda:0") == ("cusparselt", None)
-    assert resolve_backend("cuda:0", "cusparselt") == ("cusparselt", None)
-    backend, reason = resolve_backend("cuda:0", "cutlass")
+    assert semi_structured_backend("cuda:0") == ("cusparselt", None)
+    assert semi_structured_backend("cuda:0", "cusparselt") == ("cusparselt", None)
+    backend, reason = semi_structured_backend("cuda:0", "cutlass")
     assert backend is None and "8.x only" in reason
     gpu((9, 0), False)
-    assert resolve_backend("cuda:0")[0] is None
+    assert semi_structured_backend("cuda:0")[0] is None
     gpu((8, 0), True)  # A100
-    assert resolve_backend("cuda:0") == ("cusparselt", None)
-    assert resolve_backend("cuda:0", "cutlass") == ("cutlass", None)
+    assert semi_structured_backend("cuda:0") == ("cusparselt", None)
+    assert semi_structured_backend("cuda:0", "cutlass") == ("cutlass", None)
     gpu((8, 6), False)
-    assert resolve_backend("cuda:0") == ("cutlass", None)
+    assert semi_structured_backend("cuda:0") == ("cutlass", None)
     gpu((7, 5), True)
-    assert "no sparse tensor cores" in resolve_backend("cuda:0")[1]
+    assert "no sparse tensor cores" in semi_structured_backend("cuda:0")[1]
     with pytest.raises(ValueError, match="backend must be one of"):
-        resolve_backend("cuda:0", "cusparse")
+        semi_structured_backend("cuda:0", "cusparse")
     with pytest.raises(ValueError, match="'cusparselt' or 'cutlass'"):
         sparse24.semi_structured_weight(torch.zeros(16, 16), "auto")
 
@@ -167,7 +167,9 @@ def test_layer_qualification_and_backend_flag(monkeypatch):
         flags.append(torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS)
         return w.clone()
 
-    monkeypatch.setattr(sparse24, "resolve_backend", lambda device, backend: ("cutlass", None))
+    monkeypatch.setattr(
+        sparse24, "semi_structured_backend", lambda device, backend: ("cutlass", None)
+    )
     monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", fake_convert)
     monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", False)
     _, report = to_semi_structured(model, backend="cutlass")
