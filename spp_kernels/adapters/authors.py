@@ -12,6 +12,13 @@ the checkpoint maps onto SPPModel directly: alpha -> alpha, beta -> beta (flatte
 scale = lora_alpha / r. Their alpha may have more rows than the config's r (16 rows with
 r = 8): the tensor's row count is the r used, the config's lora_alpha / r the scale.
 
+Their adapters are float32 even on a float16 model, and stay float32 here (peft's rule for
+LoRA too): casting them to the model's dtype would change thousands of merged weights.
+Their memory-optimised variant (beta saved as (1, m)) assigns row o to block j when
+floor(j * m / r) <= o < floor((j + 1) * m / r); that equals g(o) = floor(o * r / m) only
+for some (m, r) (always when r divides m). A layer where the two differ is refused,
+naming it: SPP's kernels implement only g(o).
+
 The .bin file is read with torch.load(weights_only=True): tensors only, no arbitrary objects.
 """
 
@@ -24,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..ops.groups import row_groups
 from .config import SPPConfig
 from .model import SPPModel
 
@@ -150,7 +158,20 @@ def load_authors_checkpoint(model: nn.Module, path: str | os.PathLike) -> SPPMod
                 f"load_authors_checkpoint: layer {name}: beta has shape {tuple(beta.shape)}, "
                 f"expected ({m}, 1) or (1, {m})"
             )
-        rows.setdefault(alpha.shape[0], name)
+        r_layer = alpha.shape[0]
+        if (
+            beta.shape == (1, m)
+            and m > 1
+            and not torch.equal(_blocked_groups(m, r_layer), row_groups(m, r_layer))
+        ):
+            raise ValueError(
+                f"load_authors_checkpoint: layer {name} comes from the authors' memory-optimised "
+                f"variant (beta (1, {m})), whose rows are grouped as floor(j*m/r) <= o < "
+                f"floor((j+1)*m/r); with m={m}, r={r_layer} that differs from SPP's "
+                "g(o) = floor(o*r/m), which the kernels implement: this checkpoint cannot be "
+                "mapped exactly"
+            )
+        rows.setdefault(r_layer, name)
         state[f"{name}.alpha"] = alpha
         state[f"{name}.beta"] = beta.reshape(m)
     if len(rows) > 1:
@@ -165,6 +186,13 @@ def load_authors_checkpoint(model: nn.Module, path: str | os.PathLike) -> SPPMod
         dropout=dropout,
         target_modules=sorted({key.rsplit(".", 1)[0] for key in state}),
     )
-    spp = SPPModel(model, config)
+    spp = SPPModel(model, config)  # float16/bfloat16 models get float32 adapters (peft's rule)
     spp.load_adapter_state_dict(state)
     return spp
+
+
+def _blocked_groups(m: int, r: int) -> torch.Tensor:
+    """Row o's block in the authors' memory-optimised variant: the j with
+    floor(j*m/r) <= o < floor((j+1)*m/r)."""
+    starts = torch.arange(r, dtype=torch.int64) * m // r
+    return torch.searchsorted(starts, torch.arange(m, dtype=torch.int64), right=True) - 1

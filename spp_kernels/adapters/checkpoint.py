@@ -1,67 +1,77 @@
-"""Adapter files: `adapter_model.safetensors` (+ `spp_config.json`), read and checked.
+"""Adapter files: peft's layout written atomically, spp-kernels 0.1's read, states checked.
 
-adapter_model.safetensors  tensors "<module name>.alpha" (r, n) and "<module name>.beta" (m,),
-                           module names as in the base model (e.g.
-                           "model.layers.0.self_attn.q_proj"); metadata "spp_config" holds
-                           the config JSON. Written last: it is the commit point.
-spp_config.json            the same config JSON, human readable.
+peft layout (what `SPPModel.save_pretrained` writes and peft reads):
+  adapter_config.json        SPPConfig as JSON, "peft_type": "SPP", with `wrapped_modules`
+                             (the exact module names) and `base_fingerprint`
+  adapter_model.safetensors  "base_model.model.<module>.spp_alpha" (r, n) and ".spp_beta" (m,);
+                             written last: the commit point
+spp-kernels 0.1 layout (read only):
+  spp_config.json + adapter_model.safetensors with "<module>.alpha" / "<module>.beta"; the
+  module names come from the tensor keys, so a pattern in the old config is never compiled.
+Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..utils.io import atomic_save_safetensors, atomic_write_text
-from .config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, FORMAT_VERSION, SPPConfig
-from .layer import SPPLinear
+from .config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LEGACY_CONFIG_NAME, SPPConfig
+
+PEFT_KEY_PREFIX = "base_model.model."
 
 
-def write_adapter(
-    directory: str | os.PathLike, config: SPPConfig, state: dict[str, torch.Tensor]
-) -> Path:
-    """Write `state` and `config` to `directory`: the config JSON first, then the weights
-    file (the commit point, carrying the config in its metadata), each atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config_json = config.to_json()
-    metadata = {"format": "spp-kernels", "format_version": FORMAT_VERSION}
-    metadata["spp_config"] = config_json
-    atomic_write_text(directory / ADAPTER_CONFIG_NAME, config_json)
-    atomic_save_safetensors(state, directory / ADAPTER_WEIGHTS_NAME, metadata)
-    return directory
+def _natural(name: str) -> list:
+    # "layers.2" before "layers.10".
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def check_finite_state(state: dict[str, torch.Tensor], what: str) -> None:
+    """ValueError naming the first tensor with non-finite values and their count."""
+    for key in sorted(state, key=_natural):
+        t = state[key]
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                layer = key.rsplit(".", 1)[0]
+                raise ValueError(
+                    f"{what}: {bad} non-finite values in {key} (layer {layer}); training "
+                    "diverged? nothing was written"
+                )
 
 
 def check_adapter_state(
-    layers: dict[str, SPPLinear] | dict[str, tuple[int, int]],
+    layers: dict[str, tuple[int, int, int]],
     state: dict[str, torch.Tensor],
     *,
     where: str,
-    r: int | None = None,
 ) -> None:
-    """Check `state` against layers (name -> SPPLinear or (m, n)); first mismatch raises."""
+    """Check `state` ("<layer>.alpha" / ".beta") against layers (name -> (m, n, r)); the
+    first mismatch raises ValueError naming the layer."""
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{where}: value of {key!r} is {type(value).__name__}, not a tensor")
-    for name, layer in layers.items():
-        m, n = (layer.out_features, layer.in_features) if isinstance(layer, nn.Module) else layer
+        if key.endswith((".alpha", ".beta")) and not value.is_floating_point():
+            raise ValueError(
+                f"{where}: {key} has dtype {value.dtype}; SPP adapters must be floating point"
+            )
+    for name, (m, n, r) in layers.items():
         alpha, beta = state.get(f"{name}.alpha"), state.get(f"{name}.beta")
         if alpha is None or beta is None:
             raise ValueError(
                 f"base model layer {name} (in_features={n}, out_features={m}) has no adapter "
                 f"weights in {where}; the adapter was trained for a different model"
             )
-        want_r = layer.r if isinstance(layer, nn.Module) else (r or alpha.shape[0])
-        if alpha.shape != (want_r, n) or beta.shape != (m,):
+        if alpha.shape != (r, n) or beta.shape != (m,):
             raise ValueError(
                 f"layer {name}: {where} has alpha {tuple(alpha.shape)} and beta "
                 f"{tuple(beta.shape)}, but the base model's layer (out_features={m}, "
-                f"in_features={n}) with r={want_r} needs alpha ({want_r}, {n}) and beta ({m},)"
+                f"in_features={n}) with r={r} needs alpha ({r}, {n}) and beta ({m},)"
             )
     expected = {f"{name}.{part}" for name in layers for part in ("alpha", "beta")}
     extra = sorted({k.rsplit(".", 1)[0] for k in state if k not in expected}, key=_natural)
@@ -73,42 +83,74 @@ def check_adapter_state(
         )
 
 
-def _natural(name: str) -> list:
-    # "layers.2" before "layers.10".
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+def write_peft_adapter(
+    directory: str | os.PathLike,
+    config: SPPConfig,
+    state: dict[str, torch.Tensor],
+    layers: dict | None = None,
+) -> Path:
+    """Write peft's adapter layout for one adapter: `state` holds "<module>.alpha/.beta".
+
+    The config JSON is written first, then the weights file (the commit point), each
+    atomically (temp file, fsync, rename), by rank 0 only under torch.distributed. Refuses
+    non-finite values before writing anything.
+    """
+    check_finite_state(state, "save_pretrained")
+    directory = Path(directory)
+    if not _is_writer():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, value in state.items():
+        module, part = key.rsplit(".", 1)
+        tensors[f"{PEFT_KEY_PREFIX}{module}.spp_{part}"] = value
+    atomic_write_text(directory / ADAPTER_CONFIG_NAME, config.to_json())
+    atomic_save_safetensors(tensors, directory / ADAPTER_WEIGHTS_NAME, {"format": "pt"})
+    return directory
 
 
-def read_adapter(adapter_directory: str | os.PathLike) -> tuple[SPPConfig, dict[str, torch.Tensor]]:
-    """(config, tensors) of an adapter directory written by SPPModel.save_pretrained."""
+def _is_writer() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def is_legacy_adapter_dir(directory: Path) -> bool:
+    """An spp-kernels 0.1 adapter directory (spp_config.json, no adapter_config.json)."""
+    return (directory / LEGACY_CONFIG_NAME).is_file() and not (
+        directory / ADAPTER_CONFIG_NAME
+    ).is_file()
+
+
+_LEGACY_KEYS = ("r", "scale", "dropout", "init", "backend", "adapter_dtype", "weight_format")
+
+
+def read_legacy_adapter(directory: str | os.PathLike) -> tuple[SPPConfig, dict[str, torch.Tensor]]:
+    """(config, {"<module>.alpha": ..., "<module>.beta": ...}) of a 0.1 adapter directory.
+
+    target_modules becomes the explicit module list of the tensor keys (the old file's
+    pattern, if any, is ignored).
+    """
     from safetensors import safe_open
 
-    directory = Path(adapter_directory)
+    directory = Path(directory)
     weights = directory / ADAPTER_WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"SPPModel.from_pretrained: {weights} not found")
+        raise FileNotFoundError(f"{weights} not found")
     with safe_open(str(weights), framework="pt") as f:
         metadata = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
-    config_path = directory / ADAPTER_CONFIG_NAME
-    file_json = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
-    meta_json = metadata.get("spp_config")
-    if meta_json is None and file_json is None:
-        raise FileNotFoundError(
-            f"SPPModel.from_pretrained: no {ADAPTER_CONFIG_NAME} in {directory} and no config "
-            f"in {ADAPTER_WEIGHTS_NAME}'s metadata"
-        )
-    config = SPPConfig.from_json(meta_json if meta_json is not None else file_json)
-    if meta_json is not None and file_json is not None and not _same_config(file_json, config):
-        warnings.warn(
-            f"{config_path} differs from the config stored with the weights (an interrupted "
-            "save?); using the weights file's config",
-            stacklevel=3,
-        )
-    return config, state
-
-
-def _same_config(text: str, config: SPPConfig) -> bool:
+    text = metadata.get("spp_config") or (directory / LEGACY_CONFIG_NAME).read_text(
+        encoding="utf-8"
+    )
     try:
-        return SPPConfig.from_json(text) == config
-    except (ValueError, TypeError):  # json.JSONDecodeError is a ValueError
-        return False
+        old = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{directory / LEGACY_CONFIG_NAME}: invalid JSON ({e.msg})") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{directory / LEGACY_CONFIG_NAME}: expected a JSON object")
+    names = sorted({k.rsplit(".", 1)[0] for k in state}, key=_natural)
+    if not names:
+        raise ValueError(f"{weights}: no adapter tensors")
+    kwargs = {k: old[k] for k in _LEGACY_KEYS if k in old}
+    return SPPConfig(target_modules=names, **kwargs), state

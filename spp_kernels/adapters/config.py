@@ -1,28 +1,42 @@
-"""SPPConfig: which layers get SPP adapters and how (r, scale, dropout, init, backend, ...).
+"""SPPConfig: SPP as a peft method (`peft_type` "SPP"): which layers get adapters, and how.
 
-Round-trips through JSON (`to_json` / `from_json`); every field is validated in
-`__post_init__`, so a bad value fails when the config is made, before any model changes.
+    W'[o, i] = W[o, i] * alpha[g(o), i] * beta[o],   g(o) = floor(o * r / m)
+    Y = X W^T + scale * Dropout(X) W'^T + bias,   merged W = W * (1 + scale * alpha[g] * beta)
+
+A `peft.PeftConfig` dataclass: saved as peft's `adapter_config.json` ("peft_type": "SPP")
+and read back by `PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and transformers'
+`load_adapter` once `spp_kernels` is imported. Every field is validated in `__post_init__`,
+so a bad value fails when the config is made, before any model changes.
+
+Set by the tuner when it wraps a model (and saved with the adapter): `wrapped_modules`, the
+explicit sorted list of wrapped module names (loading uses it as `target_modules`, so a
+pattern is never compiled from a file), and `base_fingerprint`, each wrapped weight's shape
+and a hash of its zero mask (a load onto another base is an error unless
+`allow_other_base`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import enum
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft import PeftConfig
 
 from ..ops.validation import BACKENDS, DEFAULT_DROPOUT, DEFAULT_R, DEFAULT_SCALE
-from .layer import INITS
+from .registration import SPP_PEFT_TYPE
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_CONFIG_NAME = "spp_config.json"
-FORMAT_VERSION = "1"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's name
+LEGACY_CONFIG_NAME = "spp_config.json"  # spp-kernels 0.1.0's adapter directories
+FORMAT_VERSION = "2"
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16", "float64")
 WEIGHT_FORMATS = ("dense", "nm", "auto")
+INITS = ("paper", "both_random", "alpha_zero")
 ALL_LINEAR = "all-linear"
 
 
@@ -30,42 +44,74 @@ def _default_targets() -> list[str]:
     return list(LLAMA_TARGET_MODULES)
 
 
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
 @dataclass
-class SPPConfig:
-    """Configuration of SPP adapters; round-trips through JSON (`to_json` / `from_json`).
+class SPPConfig(PeftConfig):
+    """Configuration of SPP adapters (a peft config; JSON round trip with to_json/from_json)."""
 
-    Args:
-        r: rows of each alpha (r, n); 1 <= r <= every targeted layer's out_features m.
-        scale: multiplier of the adapter term (merged W = W * (1 + scale * alpha[g] * beta)).
-        dropout: dropout rate on the adapter input during training.
-        target_modules: which nn.Linear modules get adapters: a list of module-name suffixes
-            (matching whole dotted components: "q_proj" matches "model.layers.0.self_attn.q_proj"),
-            a regular expression matched against the full module name (re.fullmatch), or
-            "all-linear" (every nn.Linear except the output head). Default: LLaMA's seven
-            projections q/k/v/o_proj, gate/up/down_proj, as in the paper.
-        init: adapter init, one of spp_kernels.layer.INITS ("paper": beta = 0, so the
-            wrapped model starts equal to the pruned one).
-        backend: "auto", "triton" or "torch" (see spp_kernels.spp_linear).
-        adapter_dtype: None (adapters in the weight's dtype) or "float32", "bfloat16",
-            "float16", "float64": e.g. a bf16 model with fp32 adapters.
-        weight_format: "dense", "nm" (packed N:M frozen weights) or "auto"; forwarded to
-            SPPLinear.from_linear when not "dense".
-    """
-
-    r: int = DEFAULT_R
-    scale: float = DEFAULT_SCALE
-    dropout: float = DEFAULT_DROPOUT
-    target_modules: list[str] | str = field(default_factory=_default_targets)
-    init: str = "paper"
-    backend: str = "auto"
-    adapter_dtype: str | None = None
-    weight_format: str = "dense"
+    r: int = field(default=DEFAULT_R, metadata=_help(
+        "Rows of each alpha (r, n); 1 <= r <= every targeted layer's out_features m."))  # fmt: skip
+    scale: float = field(default=DEFAULT_SCALE, metadata=_help(
+        "Multiplier of the adapter term (merged W = W * (1 + scale * alpha[g] * beta))."))  # fmt: skip
+    dropout: float = field(default=DEFAULT_DROPOUT, metadata=_help(
+        "Dropout rate on the adapter's input while training."))  # fmt: skip
+    target_modules: list[str] | str | None = field(default_factory=_default_targets, metadata=_help(
+        "Module-name suffixes ('q_proj' matches 'model.layers.0.self_attn.q_proj'), a regex "
+        "matched against full names, or 'all-linear' (every nn.Linear but the output head). "
+        "Default: LLaMA's seven projections, as in the paper."))  # fmt: skip
+    exclude_modules: list[str] | str | None = field(default=None, metadata=_help(
+        "Module names or a regex to leave out."))  # fmt: skip
+    init: str = field(default="paper", metadata=_help(
+        "'paper' (alpha ~ U(+-1/sqrt(n)), beta = 0: the wrapped model starts equal to the "
+        "pruned one), 'both_random' or 'alpha_zero' (the paper's ablation)."))  # fmt: skip
+    backend: str = field(default="auto", metadata=_help(
+        "SPP kernels: 'auto' (triton on CUDA), 'triton' or 'torch'."))  # fmt: skip
+    adapter_dtype: str | None = field(default=None, metadata=_help(
+        "None: peft's rule (float32 adapters on a float16/bfloat16 model, autocast_adapter_dtype), "
+        "or 'float32', 'bfloat16', 'float16', 'float64'."))  # fmt: skip
+    weight_format: str = field(default="dense", metadata=_help(
+        "Frozen weights 'dense', 'nm' (kept N:M packed: values + metadata) or 'auto' (packed "
+        "where a layer is N:M sparse and packing saves bytes)."))  # fmt: skip
+    bias: str = field(default="none", metadata=_help("Biases are frozen: 'none' only."))
+    layers_to_transform: list[int] | int | None = field(default=None, metadata=_help(
+        "Only these decoder layer indices (peft's semantics)."))  # fmt: skip
+    layers_pattern: list[str] | str | None = field(default=None, metadata=_help(
+        "The name of the decoder layer list for layers_to_transform (peft's semantics)."))  # fmt: skip
+    modules_to_save: list[str] | None = field(default=None, metadata=_help(
+        "Other modules to train and save fully (peft's semantics)."))  # fmt: skip
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None, metadata=_help("peft's trainable tokens (set by TRL for new chat tokens).")
+    )
+    wrapped_modules: list[str] | None = field(default=None, metadata=_help(
+        "Set by the tuner: the exact module names wrapped (used as target_modules on load)."))  # fmt: skip
+    base_fingerprint: dict[str, str] | None = field(default=None, metadata=_help(
+        "Set by the tuner: per wrapped layer 'm x n' and a hash of its zero mask."))  # fmt: skip
+    allow_other_base: bool = field(default=False, metadata=_help(
+        "Allow loading onto a base whose frozen weights differ from the fingerprint."))  # fmt: skip
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        # Always overwrite: read back from JSON the type arrives as the plain string "SPP".
+        self.peft_type = SPP_PEFT_TYPE
         if isinstance(self.adapter_dtype, torch.dtype):
             self.adapter_dtype = str(self.adapter_dtype).removeprefix("torch.")
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
+        if self.wrapped_modules is not None:
+            if not isinstance(self.wrapped_modules, (list, tuple, set)) or not all(
+                isinstance(n, str) and n for n in self.wrapped_modules
+            ):
+                raise ValueError("SPPConfig: wrapped_modules must be a list of module names")
+            # A saved adapter names exactly what it wrapped: match those names, never a
+            # pattern read from a file.
+            self.wrapped_modules = sorted(set(self.wrapped_modules))
+            self.target_modules = list(self.wrapped_modules)
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+        self._validate()
+
+    def _validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"SPPConfig: r must be a positive int, got {self.r!r}")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
@@ -78,57 +124,55 @@ class SPPConfig:
             or not 0.0 <= self.dropout < 1.0
         ):
             raise ValueError(f"SPPConfig: dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.target_modules, str):
-            if self.target_modules != ALL_LINEAR:
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if targets != ALL_LINEAR:
                 try:
-                    re.compile(self.target_modules)
+                    re.compile(targets)
                 except re.error as e:
                     raise ValueError(
-                        f"SPPConfig: target_modules {self.target_modules!r} is not a valid "
-                        f"regular expression: {e}"
+                        f"SPPConfig: target_modules {targets!r} is not a valid regular expression: {e}"
                     ) from None
-        elif not isinstance(self.target_modules, list) or not all(
-            isinstance(s, str) and s for s in self.target_modules
+        elif targets is not None and (
+            not isinstance(targets, list) or not all(isinstance(s, str) and s for s in targets)
         ):
             raise ValueError(
                 "SPPConfig: target_modules must be a list of non-empty module-name suffixes, "
-                f"a regex string or {ALL_LINEAR!r}, got {self.target_modules!r}"
+                f"a regex string or {ALL_LINEAR!r}, got {targets!r}"
             )
-        elif not self.target_modules:
+        elif targets is not None and not targets:
             raise ValueError("SPPConfig: target_modules is an empty list")
-        if self.init not in INITS:
-            raise ValueError(f"SPPConfig: init must be one of {INITS}, got {self.init!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"SPPConfig: backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name, value, allowed in (
+            ("init", self.init, INITS),
+            ("backend", self.backend, BACKENDS),
+            ("weight_format", self.weight_format, WEIGHT_FORMATS),
+            ("bias", self.bias, ("none",)),
+        ):
+            if value not in allowed:
+                raise ValueError(f"SPPConfig: {name} must be one of {allowed}, got {value!r}")
         if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(
                 f"SPPConfig: adapter_dtype must be None or one of {ADAPTER_DTYPES}, "
                 f"got {self.adapter_dtype!r}"
-            )
-        if self.weight_format not in WEIGHT_FORMATS:
-            raise ValueError(
-                f"SPPConfig: weight_format must be one of {WEIGHT_FORMATS}, "
-                f"got {self.weight_format!r}"
             )
         self.scale = float(self.scale)
         self.dropout = float(self.dropout)
 
     @property
     def torch_adapter_dtype(self) -> torch.dtype | None:
-        """`adapter_dtype` as a torch.dtype (None: the weight's dtype)."""
+        """`adapter_dtype` as a torch.dtype (None: peft's rule)."""
         return None if self.adapter_dtype is None else getattr(torch, self.adapter_dtype)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    # ---- JSON (peft's to_dict keeps the enum member; these give plain JSON) ------------
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json.dumps(_jsonable(self.to_dict()), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SPPConfig:
         if not isinstance(data, dict):
             raise TypeError(f"SPPConfig.from_dict expects a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"SPPConfig: unknown keys {unknown}; known keys: {sorted(known)}")
@@ -139,9 +183,20 @@ class SPPConfig:
         return cls.from_dict(json.loads(text))
 
     def matches(self, name: str) -> bool:
-        """Whether the module called `name` is targeted (module type is checked elsewhere)."""
-        if isinstance(self.target_modules, list):
-            return any(name == s or name.endswith("." + s) for s in self.target_modules)
+        """Whether the module called `name` is targeted (peft's rule; module type is checked
+        when wrapping)."""
+        from peft.tuners.tuners_utils import check_target_module_exists
+
         if self.target_modules == ALL_LINEAR:
             return True
-        return re.fullmatch(self.target_modules, name) is not None
+        return bool(check_target_module_exists(self, name))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in (sorted(value) if isinstance(value, set) else value)]
+    if isinstance(value, enum.Enum):
+        return value.value  # the PeftType member "SPP"
+    return value

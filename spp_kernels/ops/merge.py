@@ -44,9 +44,26 @@ def merged_weight(
 
     weight: W (m, n), or the rows [row0, row0 + len(weight)) of an m-row W; beta: (m,).
     """
+    return merged_weight_many(weight, [(alpha, beta, scale)], row0, m)
+
+
+def merged_weight_many(
+    weight: torch.Tensor,
+    adapters: list[tuple[torch.Tensor, torch.Tensor, float]],
+    row0: int = 0,
+    m: int | None = None,
+) -> torch.Tensor:
+    """W * (1 + sum_k scale_k * alpha_k[g_k(o)] * beta_k[o]) for several adapters (alpha_k,
+    beta_k, scale_k), each defined on the same frozen W (so merging them together equals the
+    sum of their unmerged terms); zeros of W kept bitwise. Accumulation dtype."""
     m = weight.shape[0] if m is None else m
     rows = weight.shape[0]
     acc = acc_dtype(weight.dtype)
     w = weight.to(acc)
-    factor = merge_factor(alpha, beta[row0 : row0 + rows], scale, m, row0, acc)
+    factor = None
+    for alpha, beta, scale in adapters:
+        term = merge_factor(alpha, beta[row0 : row0 + rows], scale, m, row0, acc)
+        factor = term if factor is None else factor.add_(term).sub_(1.0)
+    if factor is None:
+        return w.clone()
     return torch.where(weight == 0, w, factor.mul_(w))

@@ -3,11 +3,12 @@
 and per-layer sparsity reports (`report`). Imports nothing from ops or adapters."""
 
 from .nm import is_nm, nm_compress, nm_decompress, nm_pattern
-from .packed import PackedWeight
+from .packed import PackedLinear, PackedWeight
 from .report import LayerSparsity, SparsityReport, sparsity_report
 
 __all__ = [
     "LayerSparsity",
+    "PackedLinear",
     "PackedWeight",
     "SparsityReport",
     "is_nm",

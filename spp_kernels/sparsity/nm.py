@@ -47,7 +47,9 @@ __all__ = [
     "nm_group_counts",
     "nm_meta_shape",
     "nm_packed_nbytes",
+    "nm_gather_values",
     "nm_pattern",
+    "nm_positions",
 ]
 
 
@@ -263,6 +265,17 @@ def nm_decompress(
             "move both to one device"
         )
 
+    pos = nm_positions(meta, n, m, cols)
+    dense = values.new_zeros(rows, k_groups, m)
+    dense.scatter_(-1, pos, values.reshape(rows, k_groups, n))
+    return dense.reshape(rows, cols)
+
+
+def nm_positions(meta: torch.Tensor, n: int, m: int, cols: int) -> torch.Tensor:
+    """The kept column positions of every group: int64 (rows, cols // m, n), in [0, m),
+    ascending within each group. ValueError for metadata whose positions are not strictly
+    ascending (corrupt or foreign metadata)."""
+    rows, k_groups = meta.shape[0], cols // m
     b = _bits_per_position(m)
     g = _groups_per_word(n, m)
     words = meta.to(torch.int64) & 0xFFFFFFFF
@@ -276,6 +289,12 @@ def nm_decompress(
             "nm_decompress: metadata positions are not strictly ascending within a group; "
             "the meta tensor is corrupt or not in this package's N:M format"
         )
-    dense = values.new_zeros(rows, k_groups, m)
-    dense.scatter_(-1, pos, values.reshape(rows, k_groups, n))
-    return dense.reshape(rows, cols)
+    return pos
+
+
+def nm_gather_values(dense: torch.Tensor, meta: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Values (rows, cols // m * n) of `dense` (rows, cols) at the kept positions of `meta`:
+    repacks a weight with the same zero pattern (e.g. a merged one) under its metadata."""
+    rows, cols = dense.shape
+    pos = nm_positions(meta, n, m, cols)
+    return dense.reshape(rows, cols // m, m).gather(-1, pos).reshape(rows, -1)

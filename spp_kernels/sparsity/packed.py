@@ -103,3 +103,52 @@ def packed_fraction(n_keep: int, m_group: int, dtype: torch.dtype = torch.float1
     cols = 1920  # cols // M is a multiple of every codes-per-word count G, so no padding
     itemsize = torch.empty((), dtype=dtype).element_size()
     return nm_packed_nbytes(1, cols, n_keep, m_group, dtype) / (cols * itemsize)
+
+
+class PackedLinear(torch.nn.Module):
+    """A frozen linear layer whose N:M sparse weight (m, n) is held packed: the base layer
+    that an SPP adapter wraps when the frozen weights stay packed (weight_format "nm").
+
+    Buffers `weight_values` and `weight_meta` (spp_kernels.sparsity.nm's format), optional
+    frozen `bias`; `weight` is None. Its own forward (used with adapters disabled)
+    decompresses W per call; SPP layers pass the packed weight to the fused op instead.
+    """
+
+    def __init__(self, packed: PackedWeight, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = packed.in_features, packed.shape[0]
+        self.n_keep, self.m_group = packed.n_keep, packed.m_group
+        self.register_buffer("weight_values", packed.values)
+        self.register_buffer("weight_meta", packed.meta)
+        self.weight = None
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, n_keep: int, m_group: int) -> PackedLinear:
+        """Pack `linear`'s weight (ValueError naming the first group that is not N:M)."""
+        packed = PackedWeight.from_dense(linear.weight.detach(), n_keep, m_group)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(packed, bias)
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        return self.n_keep, self.m_group
+
+    def packed_weight(self) -> PackedWeight:
+        """The frozen weight as a PackedWeight (views of the buffers)."""
+        return PackedWeight(
+            self.weight_values, self.weight_meta, self.n_keep, self.m_group, self.in_features
+        )
+
+    def dense_weight(self) -> Tensor:
+        """The dense (m, n) weight, decompressed (a new tensor)."""
+        return self.packed_weight().dense()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.dense_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, nm={self.n_keep}:{self.m_group}"
+        )

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..utils.hf import find_decoder_layers
+from .packed import PackedLinear
 
 # Standard N:M patterns, tightest first: by density N/M, then smaller M (2:4 implies 4:8).
 STANDARD_PATTERNS = ((1, 8), (1, 4), (2, 8), (3, 8), (2, 4), (4, 8))
@@ -116,14 +118,28 @@ def satisfied_patterns(weight: torch.Tensor) -> tuple[tuple[int, int], ...]:
 
 
 def is_adapter_layer(module: nn.Module) -> bool:
-    """Whether `module` is an adapter layer over a frozen weight: it has a callable
-    ``dense_weight()`` returning that (m, n) weight (SPPLinear does; decompressed when
-    packed). Duck-typed so that this tier needs nothing from the adapter tier above it."""
-    return callable(getattr(module, "dense_weight", None))
+    """Whether `module` is an unmerged adapter layer (any peft tuner layer: SPP, LoRA, ...)."""
+    return isinstance(module, BaseTunerLayer)
+
+
+def frozen_weight(module: nn.Module) -> torch.Tensor:
+    """The (m, n) weight a linear layer computes with: nn.Linear's weight, a PackedLinear's
+    decompressed, or an adapter layer's frozen base weight."""
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    if isinstance(module, PackedLinear):
+        return module.dense_weight()
+    return module.weight
 
 
 def _is_reported(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_adapter_layer(module)
+    return isinstance(module, (nn.Linear, PackedLinear, BaseTunerLayer))
+
+
+def _outermost(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Drop the modules inside a reported adapter layer (its base layer, its adapters)."""
+    wrappers = tuple(f"{n}." for n, m in named if isinstance(m, BaseTunerLayer))
+    return [(n, m) for n, m in named if not (wrappers and n.startswith(wrappers))]
 
 
 def _report_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -132,18 +148,22 @@ def _report_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     except ValueError:
         get = getattr(model, "get_output_embeddings", None)
         head = get() if callable(get) else None
-        return [
-            (name, mod)
-            for name, mod in model.named_modules()
-            if _is_reported(mod) and mod is not head
-        ]
+        return _outermost(
+            [
+                (name, mod)
+                for name, mod in model.named_modules()
+                if _is_reported(mod) and mod is not head
+            ]
+        )
     prefix = f"{path}." if path else ""
-    return [
-        (f"{prefix}{i}.{name}", mod)
-        for i, layer in enumerate(layers)
-        for name, mod in layer.named_modules()
-        if _is_reported(mod)
-    ]
+    return _outermost(
+        [
+            (f"{prefix}{i}.{name}", mod)
+            for i, layer in enumerate(layers)
+            for name, mod in layer.named_modules()
+            if _is_reported(mod)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -151,7 +171,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     """Sparsity of the linear layers inside the decoder blocks (what `prune` targets).
 
     Counts exact zeros of each weight (an adapter layer such as SPPLinear reports its
-    frozen weight, see `is_adapter_layer`). Models
+    frozen weight, a packed layer its decompressed weight). Models
     without findable decoder blocks report every linear layer except the output head.
     """
     modules = _report_modules(model)
@@ -159,7 +179,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         raise ValueError(f"{type(model).__name__} has no linear layers to report on")
     layers = []
     for name, mod in modules:
-        w = mod.dense_weight() if is_adapter_layer(mod) else mod.weight
+        w = frozen_weight(mod)
         layers.append(
             LayerSparsity(
                 name=name,

@@ -34,7 +34,7 @@ def test_from_linear_shares_and_freezes_weight():
     assert layer.weight.data_ptr() == lin.weight.data_ptr()
     assert not layer.weight.requires_grad and not layer.bias.requires_grad
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
-    assert trainable == {"alpha", "beta"}
+    assert trainable == {"spp_alpha.default", "spp_beta.default"}
     assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == 8 * 24 + 40
 
 
@@ -57,7 +57,7 @@ def test_training_preserves_zeros_bitwise_and_merge_matches():
         loss.backward()
         opt.step()
     assert torch.equal(layer.weight.view(torch.int32), w0.view(torch.int32))
-    merged = layer.merge()
+    merged = layer.merged_linear()  # a new nn.Linear; the layer is unchanged
     zeros = w0 == 0
     assert torch.equal(merged.weight[zeros].view(torch.int32), w0[zeros].view(torch.int32))
     assert int((merged.weight != 0).sum()) == int((w0 != 0).sum())
@@ -66,6 +66,14 @@ def test_training_preserves_zeros_bitwise_and_merge_matches():
     torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
     ref = spp_linear_naive(x, layer.weight, layer.alpha, layer.beta, layer.bias, scale=2.0)
     torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    # merge() is peft's in-place merge: the base now holds the merged weight, and unmerge()
+    # restores the frozen one exactly (kept aside, never divided back).
+    base = layer.merge()
+    assert base is layer.base_layer and layer.merged
+    assert torch.equal(base.weight, merged.weight)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert not layer.merged and torch.equal(layer.weight.view(torch.int32), w0.view(torch.int32))
 
 
 def test_merged_weight_keeps_zeros_with_extreme_factors():
@@ -111,3 +119,4 @@ def test_from_linear_and_merge_keep_training_mode(training):
     layer = SPPLinear.from_linear(lin, r=2)
     assert layer.training is training
     assert layer.merge().training is training
+    assert layer.merged_linear().training is training

@@ -50,10 +50,15 @@ def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _plain(name: str) -> str:
+    """A parameter's name in the unwrapped model (peft adds base_model.model. and .base_layer)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
 def assert_zeros_bitwise(before: dict[str, torch.Tensor], model: nn.Module) -> None:
-    params = dict(model.named_parameters())
+    params = {_plain(n): p for n, p in model.named_parameters()}
     for name, old in before.items():
-        new = params[name.replace("base_model.", "", 1)] if name not in params else params[name]
+        new = params[_plain(name)]
         zeros = old == 0
         assert torch.equal(new == 0, zeros), name
         # Bitwise, so -0.0 stays -0.0.
@@ -116,9 +121,9 @@ def test_default_targets_count_and_frozen_base():
     assert len(layers) == 7 * 2
     assert spp.trainable_parameters().trainable == want
     for name, p in spp.named_parameters():
-        is_adapter = name.endswith(".alpha") or name.endswith(".beta")
+        is_adapter = ".spp_alpha." in name or ".spp_beta." in name
         assert p.requires_grad == is_adapter, name
-    assert not isinstance(spp.base_model.lm_head, SPPLinear)
+    assert not isinstance(spp.get_base_model().lm_head, SPPLinear)
     # The tiny model is in eval mode; new layers inherit it (no adapter dropout at eval).
     assert not any(layer.training for layer in layers.values())
 
@@ -151,27 +156,14 @@ def test_clear_errors_twice_no_match_and_r_too_large():
     assert all(p.requires_grad for p in fresh.parameters())
 
 
-def test_weight_format_is_forwarded_only_when_not_dense(monkeypatch):
-    seen = []
-    original = SPPLinear.from_linear.__func__
-
-    def spy(cls, linear, *args, **kwargs):
-        seen.append(kwargs)
-        kwargs.pop("weight_format", None)
-        return original(cls, linear, *args, **kwargs)
-
-    monkeypatch.setattr(SPPLinear, "from_linear", classmethod(spy))
-    get_spp_model(make_tiny_llama(), SPPConfig(r=2, target_modules=["q_proj"]))
-    assert seen and all("weight_format" not in kw for kw in seen)
-    seen.clear()
-
-    def spy_nm(cls, linear, r=16, scale=2.0, dropout=0.0, *, weight_format="dense", **kw):
-        seen.append(weight_format)
-        return original(cls, linear, r, scale, dropout, **kw)
-
-    monkeypatch.setattr(SPPLinear, "from_linear", classmethod(spy_nm))
-    get_spp_model(make_tiny_llama(), SPPConfig(r=2, target_modules=["q_proj"], weight_format="nm"))
-    assert seen == ["nm", "nm"]
+def test_weight_format_decides_the_base_layer():
+    dense = get_spp_model(make_tiny_llama(), SPPConfig(r=2, target_modules=["q_proj"]))
+    assert all(layer.weight_format == "dense" for layer in dense.spp_layers().values())
+    packed = get_spp_model(
+        two_four_llama(), SPPConfig(r=2, target_modules=["q_proj"], weight_format="nm")
+    )
+    layers = packed.spp_layers()
+    assert len(layers) == 2 and all(layer.nm == (2, 4) for layer in layers.values())
 
 
 def test_llama_7b_trainable_count_on_meta_device(capsys):
@@ -229,11 +221,13 @@ def test_training_changes_only_alpha_beta_and_merge_keeps_zeros():
         assert torch.equal(spp(input_ids=ids).logits, pruned_logits)
     adapters0 = {k: v.clone() for k, v in spp.adapter_state_dict().items()}
     train_steps(spp)
-    for name, p in spp.base_model.named_parameters():
-        if name.endswith((".alpha", ".beta")):
-            assert not torch.equal(p, adapters0[name]), f"{name} did not train"
+    for name, p in spp.get_base_model().named_parameters():
+        if ".spp_" in name:
+            layer, part = name.split(".spp_")
+            key = f"{layer}.{part.split('.')[0]}"
+            assert not torch.equal(p, adapters0[key]), f"{name} did not train"
         else:
-            assert torch.equal(p, before[name]), f"frozen {name} changed"
+            assert torch.equal(p, before[_plain(name)]), f"frozen {name} changed"
     with torch.no_grad():
         trained_logits = spp(input_ids=ids).logits
     assert not torch.allclose(trained_logits, pruned_logits)
@@ -273,7 +267,7 @@ def test_gradient_checkpointing_gives_same_gradients():
         if checkpointing:
             with pytest.warns(FutureWarning):
                 spp.gradient_checkpointing_enable()
-            assert spp.base_model.model.gradient_checkpointing
+            assert spp.get_base_model().model.gradient_checkpointing
         spp.train()
         spp(input_ids=ids, labels=ids).loss.backward()
         return {n: p.grad for n, p in spp.named_parameters() if p.requires_grad}
@@ -344,7 +338,7 @@ def test_hf_trainer_trains_spp_model(tmp_path):
 
     spp = get_spp_model(pruned_llama(), SPPConfig(r=4, dropout=0.0))
     beta0 = spp.spp_layers()["model.layers.0.mlp.down_proj"].beta.detach().clone()
-    zeros_before = {f"base_model.{k}": v for k, v in zero_masks(spp.base_model).items()}
+    zeros_before = zero_masks(pruned_llama())
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=2,
@@ -373,12 +367,18 @@ def trained_spp(seed: int = 0, **cfg) -> SPPModel:
 def test_save_load_round_trip_bit_exact(tmp_path):
     spp = trained_spp(target_modules="all-linear")
     spp.save_pretrained(tmp_path / "adapter")
-    assert sorted(os.listdir(tmp_path / "adapter")) == [ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME]
+    assert sorted(os.listdir(tmp_path / "adapter")) == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
     saved = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_NAME).read_text())
-    assert saved["target_modules"] == "all-linear" and saved["r"] == 4
+    assert saved["peft_type"] == "SPP" and saved["r"] == 4
+    # The exact wrapped names are saved and used as targets on load (no pattern from a file).
+    assert (
+        saved["wrapped_modules"] == sorted(spp.spp_layers()) and len(saved["wrapped_modules"]) == 14
+    )
+    assert set(saved["base_fingerprint"]) == set(saved["wrapped_modules"])
 
     loaded = SPPModel.from_pretrained(pruned_llama(), tmp_path / "adapter")
-    assert loaded.spp_config == spp.spp_config
+    assert sorted(loaded.spp_layers()) == sorted(spp.spp_layers())
+    assert loaded.spp_config.r == 4 and loaded.spp_config.scale == spp.spp_config.scale
     want, got = spp.adapter_state_dict(), loaded.adapter_state_dict()
     assert want.keys() == got.keys()
     for key in want:
@@ -392,33 +392,79 @@ def test_save_load_round_trip_bit_exact(tmp_path):
     assert trainable.trainable_parameters().trainable == sum(v.numel() for v in want.values())
 
 
-def test_save_load_bf16_adapters_bit_exact(tmp_path):
-    spp = get_spp_model(
-        pruned_llama().to(torch.bfloat16), SPPConfig(r=2, init="both_random", dropout=0.0)
-    )
+def test_adapters_are_float32_on_a_bf16_model_and_round_trip_bit_exact(tmp_path):
+    # peft's rule (autocast_adapter_dtype): float32 adapters on a half-precision model.
+    spp = get_spp_model(pruned_llama().to(torch.bfloat16), SPPConfig(r=2, init="both_random"))
+    assert all(v.dtype == torch.float32 for v in spp.adapter_state_dict().values())
+    # An explicit adapter_dtype is kept: bf16 adapters, saved and reloaded bit for bit.
+    cfg = SPPConfig(r=2, init="both_random", dropout=0.0, adapter_dtype="bfloat16")
+    spp = get_spp_model(pruned_llama().to(torch.bfloat16), cfg)
     spp.save_pretrained(tmp_path)
     loaded = SPPModel.from_pretrained(pruned_llama().to(torch.bfloat16), tmp_path)
     for key, value in spp.adapter_state_dict().items():
         other = loaded.adapter_state_dict()[key]
-        assert other.dtype == torch.bfloat16
+        assert value.dtype == other.dtype == torch.bfloat16
         assert torch.equal(other.view(torch.int16), value.view(torch.int16)), key
 
 
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1), "model.layers.0"),
-        (dict(intermediate_size=80), "layer model.layers.0.mlp.gate_proj"),
-        (dict(num_hidden_layers=1), "layer model.layers.1.mlp.down_proj, which is not"),
-        (dict(num_hidden_layers=3), "base model layer model.layers.2.self_attn.q_proj"),
+        (
+            dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1),
+            "layer model.layers.0.self_attn.q_proj has shape 64x64 there, 32x32 here",
+        ),
+        (
+            dict(intermediate_size=80),
+            "layer model.layers.0.mlp.gate_proj has shape 96x64 there, 80x64 here",
+        ),
+        (
+            dict(num_hidden_layers=1),
+            "layer model.layers.1.mlp.down_proj, which this model lacks",
+        ),
+        (dict(seed=5), "the zero pattern of layer model.layers.0.self_attn.q_proj differs"),
     ],
 )
-def test_load_into_wrong_model_fails_naming_layer(tmp_path, overrides, match):
+def test_load_onto_another_base_fails_naming_layer(tmp_path, overrides, match):
     trained_spp().save_pretrained(tmp_path)
-    wrong = make_tiny_llama(**overrides)
+    wrong = pruned_llama(**overrides)
     with pytest.raises(ValueError, match=match.replace(".", r"\.")):
         SPPModel.from_pretrained(wrong, tmp_path)
     assert not any(isinstance(m, SPPLinear) for m in wrong.modules())  # untouched
+
+
+def test_allow_other_base_loads_onto_a_different_zero_pattern(tmp_path):
+    trained_spp().save_pretrained(tmp_path)
+    config = SPPConfig.from_pretrained(str(tmp_path))
+    config.allow_other_base = True
+    loaded = SPPModel.from_pretrained(pruned_llama(seed=5), tmp_path, config=config)
+    assert len(loaded.spp_layers()) == 14
+    # Layers of a base the adapter never saw are not wrapped: the saved names are the targets.
+    deeper = SPPModel.from_pretrained(pruned_llama(num_hidden_layers=3), tmp_path, config=config)
+    assert sorted(deeper.spp_layers()) == sorted(trained_spp().spp_layers())
+
+
+def test_legacy_adapter_directories_still_load(tmp_path):
+    """spp-kernels 0.1's files: spp_config.json and "<module>.alpha/.beta" tensors."""
+    spp = trained_spp()
+    state = spp.adapter_state_dict()
+    config = {
+        "r": 4,
+        "scale": 2.0,
+        "dropout": 0.0,
+        "target_modules": "(?:" * 30 + "x)",
+        "init": "paper",
+    }
+    atomic_save_safetensors(
+        state, tmp_path / ADAPTER_WEIGHTS_NAME, {"spp_config": json.dumps(config)}
+    )
+    (tmp_path / "spp_config.json").write_text(json.dumps(config))
+    with pytest.warns(DeprecationWarning, match="spp-kernels 0.1 adapter"):
+        loaded = SPPModel.from_pretrained(pruned_llama(), tmp_path)
+    # The old file's pattern is never compiled: the module names come from the tensor keys.
+    assert sorted(loaded.spp_layers()) == sorted(spp.spp_layers())
+    for key, value in state.items():
+        assert torch.equal(loaded.adapter_state_dict()[key], value), key
 
 
 def test_crash_mid_save_keeps_previous_adapter(tmp_path, monkeypatch):
@@ -428,7 +474,7 @@ def test_crash_mid_save_keeps_previous_adapter(tmp_path, monkeypatch):
     first.save_pretrained(tmp_path)
     files = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
 
-    second = trained_spp(seed=1, r=2, scale=3.0)
+    second = trained_spp(seed=0, r=2, scale=3.0)
     real_save_file = safetensors.torch.save_file
 
     def crash_mid_write(tensors, filename, metadata=None):
@@ -444,12 +490,17 @@ def test_crash_mid_save_keeps_previous_adapter(tmp_path, monkeypatch):
     # No temp files left; the weights file (the commit point) is the old one, bitwise.
     assert sorted(os.listdir(tmp_path)) == sorted(files)
     assert (tmp_path / ADAPTER_WEIGHTS_NAME).read_bytes() == files[ADAPTER_WEIGHTS_NAME]
-    # spp_config.json was already replaced; the loader trusts the weights file's config.
-    with pytest.warns(UserWarning, match="differs from the config stored with the weights"):
-        loaded = SPPModel.from_pretrained(pruned_llama(), tmp_path)
-    assert loaded.spp_config == first.spp_config
-    for key, value in first.adapter_state_dict().items():
-        assert torch.equal(loaded.adapter_state_dict()[key], value)
+
+
+def test_non_finite_adapters_are_refused_before_writing(tmp_path):
+    spp = trained_spp()
+    with torch.no_grad():
+        spp.spp_layers()["model.layers.1.mlp.up_proj"].beta[:3] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"3 non-finite values in model\.layers\.1\.mlp\.up_proj\.beta"
+    ):
+        spp.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_atomic_write_text_failure_keeps_old_file(tmp_path, monkeypatch):
@@ -475,8 +526,7 @@ def test_adapter_file_holds_no_pickle(tmp_path):
 
     with safe_open(str(tmp_path / ADAPTER_WEIGHTS_NAME), framework="pt") as f:
         keys = list(f.keys())
-        assert f.metadata()["format"] == "spp-kernels"
-    assert "model.layers.0.self_attn.q_proj.alpha" in keys and len(keys) == 28
+    assert "base_model.model.model.layers.0.self_attn.q_proj.spp_alpha" in keys and len(keys) == 28
 
 
 # ---- authors' checkpoint format -------------------------------------------------------------

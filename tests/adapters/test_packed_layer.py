@@ -65,13 +65,15 @@ def test_packed_storage_replaces_dense_weight():
     layer = SPPLinear.from_linear(lin, r=4, weight_format="nm")
     assert layer.weight is None and layer.weight_format == "nm" and layer.nm == (2, 4)
     buffers = dict(layer.named_buffers())
-    assert set(buffers) == {"weight_values", "weight_meta"}
-    assert (
-        buffers["weight_values"].shape == (37, 32) and buffers["weight_meta"].dtype == torch.int32
-    )
-    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"alpha", "beta"}
+    assert set(buffers) == {"base_layer.weight_values", "base_layer.weight_meta"}
+    assert layer.weight_values.shape == (37, 32) and layer.weight_meta.dtype == torch.int32
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"spp_alpha.default", "spp_beta.default"}
     assert not layer.bias.requires_grad
-    assert set(layer.state_dict()) == {"weight_values", "weight_meta", "bias", "alpha", "beta"}
+    assert set(layer.state_dict()) == {
+        "base_layer.weight_values", "base_layer.weight_meta", "base_layer.bias",
+        "spp_alpha.default", "spp_beta.default",
+    }  # fmt: skip
     assert torch.equal(layer.dense_weight().view(torch.int16), lin.weight.view(torch.int16))
     assert layer.sparsity() == pytest.approx((lin.weight == 0).float().mean().item())
     assert "weight_format=nm(2:4)" in repr(layer)
@@ -164,10 +166,16 @@ def test_merge_is_the_dense_merge_bitwise_packed_or_not():
     assert torch.equal(as_packed.dense().view(torch.int16), ref.view(torch.int16))
     assert torch.equal(as_packed.meta, packed.weight_meta)  # same positions, new values
     assert torch.equal(dense.merged_weight(packed=True).values, as_packed.values)
-    linear = packed.merge()
+    linear = packed.merged_linear()
     assert isinstance(linear, nn.Linear)
     assert torch.equal(linear.weight.view(torch.int16), ref.view(torch.int16))
     assert torch.equal(linear.bias, packed.bias)
+    # In-place merge keeps the packed base (new values, same metadata); unmerge restores it.
+    values = packed.weight_values.clone()
+    packed.merge()
+    assert torch.equal(packed.dense_weight().view(torch.int16), ref.view(torch.int16))
+    packed.unmerge()
+    assert torch.equal(packed.weight_values.view(torch.int16), values.view(torch.int16))
 
 
 def test_training_steps_leave_packed_weight_untouched():

@@ -1,0 +1,199 @@
+"""SPPTuner: the peft BaseTuner of SPP (registered as the "SPP" method, prefix "spp_").
+
+peft's injection logic (target matching, exclude_modules, layers_to_transform,
+modules_to_save, merge / unmerge / unload, adapter switching, state-dict keys) is reused;
+this class adds what SPP needs on top:
+
+* every check before any module changes (`inject_adapter`): each target is an nn.Linear,
+  r <= its out_features, packable when weight_format is "nm", and the frozen weights match
+  the adapter's `base_fingerprint` when it has one;
+* the record of what was wrapped: `wrapped_modules` (exact names) and `base_fingerprint`
+  (shapes and zero-mask hashes) go into the config, hence into adapter_config.json;
+* unloading keeps the merged (or restored) plain module as is, a packed base decompressed;
+* `adapter_dtype`: an explicit adapter dtype is kept (peft would upcast it to float32),
+  and peft 0.21's upcast no longer unfreezes inactive adapters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ..ops.dropout import pack_keep_mask
+from ..sparsity.packed import PackedLinear
+from .config import ALL_LINEAR, LLAMA_TARGET_MODULES, SPPConfig
+from .layer import SPPLinear, _packing_pattern, packed_base
+from .registration import PREFIX
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            return get()
+        except (NotImplementedError, AttributeError):
+            return None
+    return None
+
+
+def find_targets(model: nn.Module, config: SPPConfig) -> dict[str, nn.Module]:
+    """The modules of `model` that `config` targets (nn.Linear, or SPPLinear layers that get
+    another adapter), by full name, in module order; modules inside SPP layers are skipped.
+
+    Matched modules that are not nn.Linear (a pattern matching an activation) are skipped;
+    ValueError when nothing matches, naming the model's linear layers.
+    """
+    head = _output_head(model) if config.target_modules == ALL_LINEAR else None
+    inner = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+    targets: dict[str, nn.Module] = {}
+    unsupported: list[str] = []
+    for name, module in model.named_modules():
+        if not name or name.startswith(inner) or not config.matches(name):
+            continue
+        if isinstance(module, (nn.Linear, SPPLinear)):
+            if config.target_modules == ALL_LINEAR and (module is head or name == "lm_head"):
+                continue
+            targets[name] = module
+        elif config.target_modules != ALL_LINEAR and len(module._modules) == 0:
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if not targets:
+        suffixes = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        msg = (
+            f"get_spp_model: target_modules={config.target_modules!r} matched no nn.Linear in "
+            f"{type(model).__name__}; its nn.Linear layers are named ...{suffixes}"
+        )
+        if unsupported:
+            msg += f"; matched but not nn.Linear (unsupported): {unsupported[:5]}"
+        raise ValueError(msg)
+    return targets
+
+
+def _frozen_of(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def zero_mask_fingerprint(module: nn.Module) -> str | None:
+    """'m x n:<16 hex digits of sha256 of the packed zero mask>' of a (wrapped) linear's
+    frozen weight; None for weights on the meta device."""
+    base = _frozen_of(module)
+    w = base.dense_weight() if isinstance(base, PackedLinear) else base.weight
+    if w.device.type == "meta":
+        return None
+    m, n = w.shape
+    bits = pack_keep_mask((w.detach() != 0).reshape(m, n)).cpu().numpy().tobytes()
+    return f"{m}x{n}:{hashlib.sha256(bits).hexdigest()[:16]}"
+
+
+def check_fingerprint(saved: dict[str, str], targets: dict[str, nn.Module]) -> None:
+    """ValueError naming the first wrapped layer (in module order) whose frozen weight
+    differs from `saved`: shapes first, then missing layers, then zero patterns."""
+    now = {name: zero_mask_fingerprint(module) for name, module in targets.items()}
+    shape = lambda fp: fp.split(":")[0]  # noqa: E731
+    for name in targets:
+        if name in saved and now[name] is not None and shape(now[name]) != shape(saved[name]):
+            raise ValueError(
+                f"the adapter was trained on another base: layer {name} has shape "
+                f"{shape(saved[name])} there, {shape(now[name])} here"
+            )
+    missing = [name for name in saved if name not in targets]
+    if missing:
+        raise ValueError(
+            f"the adapter was trained with layer {missing[0]}, which this model lacks "
+            f"({len(missing)} such layers)"
+        )
+    for name in targets:
+        if name in saved and now[name] is not None and now[name] != saved[name]:
+            raise ValueError(
+                f"the adapter was trained on another base: the zero pattern of layer {name} "
+                f"differs (saved {saved[name]}, this model {now[name]}); pass allow_other_base "
+                "(CLI: --allow-other-base) to load it anyway"
+            )
+
+
+class SPPTuner(BaseTuner):
+    """The BaseTuner of SPP; see the module docstring."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = SPPLinear
+    target_module_mapping = {
+        arch: list(LLAMA_TARGET_MODULES) for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma")
+    }
+
+    def inject_adapter(
+        self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, **kw: Any
+    ) -> None:
+        """Check every target first (nothing changes on an error), inject, then record the
+        wrapped names and the base fingerprint in the config."""
+        config = self.peft_config[adapter_name]
+        targets = find_targets(model, config)
+        for name, module in targets.items():
+            out_features = module.out_features
+            if config.r > out_features:
+                raise ValueError(f"SPP: r={config.r} exceeds out_features={out_features} of {name}")
+            if config.weight_format == "nm" and isinstance(module, nn.Linear):
+                try:
+                    _packing_pattern(module.weight.data, "nm", None)
+                except ValueError as e:
+                    raise ValueError(f"SPP: {name}: {e}") from None
+        if config.base_fingerprint is not None and not config.allow_other_base:
+            check_fingerprint(config.base_fingerprint, targets)
+        super().inject_adapter(
+            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **kw
+        )
+        config.wrapped_modules = sorted(targets)
+        if config.base_fingerprint is None:
+            prints = {name: zero_mask_fingerprint(module) for name, module in targets.items()}
+            if all(v is not None for v in prints.values()):
+                config.base_fingerprint = dict(sorted(prints.items()))
+
+    def _create_and_replace(
+        self,
+        config: SPPConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(target, SPPLinear):  # another adapter on an already wrapped layer
+            target.update_layer(adapter_name, config)
+            return
+        if not isinstance(target, nn.Linear):
+            return  # a pattern also matched a non-linear module (an activation): SPP skips it
+        new = SPPLinear(packed_base(target, config.weight_format), adapter_name, config)
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)  # an additional adapter is not trainable until set_adapter
+        new.train(target.training)
+        self._replace_module(parent, target_name, new, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, SPPLinear) and not isinstance(new_module, BaseTunerLayer):
+            # Unloading: new_module is the complete plain layer (merged, or restored); peft's
+            # default would copy the base layer's (unmerged, or absent) weight onto it.
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        config = self.peft_config.get(adapter_name)
+        if config is not None and config.adapter_dtype is not None:
+            return  # an explicit adapter dtype is what the user asked for
+        flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        super()._cast_adapter_dtype(
+            adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+        )
+        # peft 0.21 re-wraps cast ParameterDict entries as new Parameters (requires_grad=True),
+        # unfreezing inactive and inference-mode adapters: restore every flag.
+        for name, p in self.model.named_parameters():
+            if name in flags and p.requires_grad != flags[name]:
+                p.requires_grad_(flags[name])
+
+    def spp_layers(self) -> dict[str, SPPLinear]:
+        """The SPP layers by full name in the wrapped model, in module order."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, SPPLinear)}
