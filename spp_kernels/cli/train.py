@@ -1,11 +1,18 @@
-"""`spp train`: SPP adapters on a pruned model, with checkpoints that resume bit-exactly."""
+"""`spp train`: SPP adapters on a pruned model, one process or several, resumable.
+
+One process: `spp train ...`. Several: `torchrun --nproc_per_node N -m spp_kernels train ...`
+or `accelerate launch -m spp_kernels train ...` (data-parallel by default, FSDP2 with
+--fsdp; spp_kernels.training.engine). Every process loads the model and the data; rank 0
+owns --out (its lock, the checkpoints, the final adapter) and prints the result.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,111 +30,141 @@ def _config(factory: Callable[..., Any], **kwargs: Any) -> Any:
         raise UserError(first_line(e)) from None
 
 
+# Options copied by name into SPPConfig / TrainConfig (argparse dest == field name).
+SPP_FIELDS = ("r", "scale", "dropout", "init", "backend", "weight_format")
+TRAIN_FIELDS = (
+    "lr", "epochs", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_steps",
+    "seed", "kd_weight", "kd_temperature", "save_every", "stop_after", "keep_checkpoints",
+    "skip_nonfinite", "group_by_length",
+)  # fmt: skip
+
+
 def _spp_config_from_args(args: argparse.Namespace) -> Any:
     from ..adapters import SPPConfig
 
+    if args.scale == 0:
+        log.warning("--scale 0: the adapter term is multiplied by 0, training changes nothing")
+    adapter_dtype = "float32" if args.bf16 else None
     return _config(
-        SPPConfig,
-        r=args.r,
-        scale=args.scale,
-        dropout=args.dropout,
-        init=args.init,
-        backend=args.backend,
-        adapter_dtype="float32" if args.bf16 else None,
-        weight_format=args.weight_format,
+        SPPConfig, adapter_dtype=adapter_dtype, **{f: getattr(args, f) for f in SPP_FIELDS}
     )
 
 
 def _train_config_from_args(args: argparse.Namespace) -> Any:
-    from ..training.train import TrainConfig
+    from ..training.config import TrainConfig
 
-    return _config(
-        TrainConfig,
-        lr=args.lr,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        kd_weight=args.kd_weight,
-        kd_temperature=args.kd_temperature,
-        save_every=args.save_every,
-        stop_after=args.stop_after,
-    )
+    return _config(TrainConfig, **{f: getattr(args, f) for f in TRAIN_FIELDS})
+
+
+@contextlib.contextmanager
+def _owned_output(args: argparse.Namespace, is_main: bool) -> Iterator[Path]:
+    """Rank 0 checks --out and holds its lock for the whole run; other ranks only use it."""
+    from ..training.checkpoints import checkpoint_root, has_checkpoint
+    from ..utils.io import OutputLocked, output_lock
+
+    out = Path(args.out)
+    if not is_main:
+        yield out
+        return
+    inputs = {"--model": args.model, "--data": args.data, "--teacher": args.teacher}
+    if args.resume:
+        prepare_out_dir(out, True, inputs)
+        if not has_checkpoint(out):
+            raise UserError(f"--resume: no checkpoint in {checkpoint_root(out)}")
+    else:
+        prepare_out_dir(out, args.force, inputs)
+    try:
+        with output_lock(out):
+            if not args.resume and args.force:
+                # A fresh run must never resume from (or be confused with) an older run's state.
+                shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+            out.mkdir(parents=True, exist_ok=True)
+            yield out
+    except OutputLocked as e:
+        raise UserError(str(e)) from None
+
+
+def _enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing (transformers 5 spelling, else the old one)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enable = getattr(base, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable()
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "enable_input_require_grads"):
+        base.enable_input_require_grads()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from ..adapters import get_spp_model
-    from ..training.data import check_vocab, file_digest, load_dataset
-    from ..training.train import latest_checkpoint, train
+    from ..training.checkpoints import CheckpointError
+    from ..training.data import check_vocab, file_digest
+    from ..training.engine import make_engine
+    from ..training.train import NonFiniteError, train
 
-    out = Path(args.out)
-    if args.resume:
-        if latest_checkpoint(out) is None:
-            raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    else:
-        prepare_out_dir(out, args.force)
     spp_config = _spp_config_from_args(args)
-    if not args.resume and args.force:
-        from ..training.train import checkpoint_root
-
-        # A fresh run must never resume from (or be confused with) an older run's state.
-        shutil.rmtree(checkpoint_root(out), ignore_errors=True)
     config = _train_config_from_args(args)
-    device = resolve_device(args.device)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    examples = load_dataset(
-        args.data, tokenizer, max_len=args.max_len, mask_prompt=args.mask_prompt
-    )
-    check_vocab(examples, model.config.vocab_size, str(args.data))
-    teacher = None
-    if args.teacher is not None:
-        teacher, _ = load_model(args.teacher, dtype=dtype, device=device)
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise UserError(
-                f"--teacher {args.teacher}: vocabulary {teacher.config.vocab_size} differs from "
-                f"the model's {model.config.vocab_size}"
-            )
-    torch.manual_seed(args.seed)
-    spp = get_spp_model(model, spp_config)
-    count = spp.trainable_parameters()
-    log.info(
-        "SPP adapters: %s trainable of %s parameters (%.3f%%)",
-        f"{count.trainable:,d}",
-        f"{count.total:,d}",
-        count.percent,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = {
-        "data_sha256": file_digest(args.data),
-        "max_len": args.max_len,
-        "mask_prompt": args.mask_prompt,
-        "spp_config": spp_config.to_dict(),
-        "teacher": args.teacher is not None,
-    }
-    pad_id = _pad_id(tokenizer)
     try:
-        result = train(
-            spp,
-            examples,
-            config,
-            out,
-            teacher=teacher,
-            resume=args.resume,
-            pad_id=pad_id,
-            fingerprint=fingerprint,
-            progress=not args.quiet,
-        )
+        engine = make_engine(fsdp=args.fsdp, device=resolve_device(args.device))
     except ValueError as e:
-        if str(e).startswith("resume:"):
+        raise UserError(str(e)) from None
+    device = engine.device
+    if not engine.is_main:
+        args.quiet = True  # logs and progress bars on rank 0 only
+        logging.getLogger("spp_kernels").setLevel(logging.WARNING)
+    with _owned_output(args, engine.is_main) as out:
+        engine.barrier()  # other ranks start once rank 0 holds --out
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        model, tokenizer = load_model(args.model, dtype=dtype, device=str(device))
+        examples, data_digest = load_training_data(args, tokenizer)
+        check_vocab(examples, model.config.vocab_size, str(args.data))
+        teacher = None
+        if args.teacher is not None:
+            teacher, _ = load_model(args.teacher, dtype=dtype, device=str(device))
+            if teacher.config.vocab_size != model.config.vocab_size:
+                raise UserError(
+                    f"--teacher {args.teacher}: vocabulary {teacher.config.vocab_size} differs "
+                    f"from the model's {model.config.vocab_size}"
+                )
+        torch.manual_seed(args.seed)
+        spp = get_spp_model(model, spp_config)
+        count = spp.trainable_parameters()
+        log.info(
+            "SPP adapters: %s trainable of %s parameters (%.3f%%) on %d process(es)%s",
+            f"{count.trainable:,d}", f"{count.total:,d}", count.percent, engine.world_size,
+            ", FSDP2" if engine.fsdp else "",
+        )  # fmt: skip
+        if args.gradient_checkpointing:
+            _enable_checkpointing(spp)
+        wrapped = engine.wrap(spp)
+        # The backend computes the same math: it may change between a run and its resumption.
+        spp_dict = {k: v for k, v in spp_config.to_dict().items() if k != "backend"}
+        fingerprint = {
+            "data_sha256": data_digest or file_digest(args.data),
+            "max_len": args.max_len,
+            "mask_prompt": args.mask_prompt,
+            "spp_config": _jsonable(spp_dict),
+            "teacher": args.teacher is not None,
+        }
+        try:
+            result = train(
+                wrapped, examples, config, out, teacher=teacher, resume=args.resume,
+                pad_id=_pad_id(tokenizer), fingerprint=fingerprint, progress=not args.quiet,
+                engine=engine,
+            )  # fmt: skip
+        except CheckpointError as e:
             raise UserError(f"{first_line(e)} (use the original options)") from None
-        raise
-    spp.save_pretrained(out)
+        except NonFiniteError as e:
+            raise UserError(str(e)) from None
+        spp.save_pretrained(out)  # gathers FSDP2 shards on every rank; rank 0 writes
+        # No rank may exit before rank 0 has written: a launcher stops the other processes
+        # as soon as one exits with a non-zero status (a stopped run exits 128 + signal).
+        engine.barrier()
+    if not engine.is_main:
+        return 0 if not result.interrupted else 128 + (result.stop_signal or 2)
     info = {
         "steps": result.step,
         "total_steps": result.total_steps,
@@ -135,8 +172,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         "tokens": result.tokens,
         "seconds": result.seconds,
         "interrupted": result.interrupted,
+        "stop_signal": result.stop_signal,
+        "skipped_nonfinite_steps": result.skipped_nonfinite,
         "trainable_params": count.trainable,
         "examples": len(examples),
+        "processes": engine.world_size,
+        "fsdp": engine.fsdp,
         "adapter": str(out),
     }
     rows = [
@@ -145,12 +186,49 @@ def cmd_train(args: argparse.Namespace) -> int:
         ["tokens", result.tokens],
         ["seconds (this run)", f"{result.seconds:.1f}"],
         ["trainable params", count.trainable],
+        ["processes", engine.world_size],
         ["adapter saved to", str(out)],
     ]
     if result.interrupted:
         rows.append(["stopped early", "resume with --resume"])
     emit(args, info, format_table(rows, ["train", "value"]))
-    return 130 if result.interrupted else 0
+    if not result.interrupted:
+        return 0
+    import signal
+
+    return 128 + (result.stop_signal or signal.SIGINT)
+
+
+WIKIPEDIA = "wikipedia"
+
+
+def load_training_data(args: argparse.Namespace, tokenizer: Any) -> tuple[list[Any], str | None]:
+    """(examples, digest): --data wikipedia gives --max-len windows of the Wikipedia train
+    split (digest = the corpus id: the split is fixed); a path gives load_dataset's examples
+    (digest None: the caller hashes the file)."""
+    from ..training.data import Example, load_dataset
+
+    if args.data == WIKIPEDIA:
+        from ..datasets import CORPUS_ID, DatasetUnavailable, wikipedia_windows
+
+        if tokenizer is None:
+            raise UserError("--data wikipedia needs a model directory with a tokenizer")
+        try:
+            windows = wikipedia_windows(tokenizer, "train", args.max_len)
+        except DatasetUnavailable as e:
+            raise UserError(str(e)) from None
+        examples = [Example(tuple(row), tuple(row)) for row in windows.tolist()]
+        return examples, f"{CORPUS_ID}:train:{args.max_len}"
+    examples = load_dataset(
+        args.data, tokenizer, max_len=args.max_len, mask_prompt=args.mask_prompt
+    )
+    return examples, None
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str))
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -255,11 +255,20 @@ def check_vocab(examples: list[Example] | torch.Tensor, vocab_size: int, source:
         )
 
 
-def batch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def batch_order(
+    n_examples: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    lengths: list[int] | None = None,
+) -> list[list[int]]:
     """Example indices of each batch in `epoch`: a permutation seeded by (seed, epoch).
 
-    The last partial batch is kept. Depends only on its arguments, so a resumed run can
-    skip to any step and see the same batches.
+    With `lengths` (one per example) the batches are length-grouped: the permutation is cut
+    into mega-batches of 50 batches, each sorted by length (longest first) before it is cut
+    into batches, so a batch pads little while the order stays random between mega-batches.
+    The last partial batch is kept. Depends only on its arguments, so a resumed run can skip
+    to any step and see the same batches.
     """
     if n_examples < 1 or batch_size < 1:
         raise ValueError(
@@ -267,6 +276,15 @@ def batch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list
         )
     g = torch.Generator().manual_seed(derive_seed(seed, epoch))
     perm = torch.randperm(n_examples, generator=g).tolist()
+    if lengths is not None:
+        if len(lengths) != n_examples:
+            raise ValueError(f"batch_order: {len(lengths)} lengths for {n_examples} examples")
+        mega = 50 * batch_size
+        perm = [
+            i
+            for start in range(0, n_examples, mega)
+            for i in sorted(perm[start : start + mega], key=lambda i: -lengths[i])
+        ]
     return [perm[i : i + batch_size] for i in range(0, n_examples, batch_size)]
 
 

@@ -1,156 +1,114 @@
-"""SPP training under DDP and FSDP2 (fully_shard) on 2 CPU processes (gloo) vs one process.
+"""`spp train` under torchrun and accelerate launch: 2 CPU processes (gloo) vs one process.
 
-Both ranks start from the same pruned tiny LLaMA and adapters; each rank gets half of every
-global batch. With dropout 0 and a mean loss over equal token counts, the averaged
-gradients equal the single-process full-batch gradients, so after the same SGD steps the
-adapters, the merged weights and the saved adapter must match the single-process run, and
-every zero of the frozen weights must survive bitwise.
+The commands are run exactly as a user types them (the launcher's own executable, `-m
+spp_kernels train`, `--spp-r`, which torchrun does not mistake for one of its options).
+With dropout 0, N processes with --batch-size B must give the adapters one process gives
+with --batch-size N*B over the same steps and seed (DDP and FSDP2); a run stopped after a
+checkpoint resumes to the same adapters; the saved adapter loads with peft.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
+from safetensors.torch import load_file
 
-from spp_kernels import SPPConfig, SPPModel, get_spp_model
-from tests.helpers import make_tiny_llama
+from spp_kernels.cli import main
+from tests.helpers import make_cli_models
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-WORLD = 2
-STEPS = 2
-LR = 0.5
-CONFIG = dict(r=4, scale=2.0, dropout=0.0, init="both_random")
+BIN = Path(sys.executable).parent
+STEPS = "4"
 
 
-def pruned_spp() -> SPPModel:
-    """The same adapter-wrapped, 50%-pruned tiny LLaMA in every process."""
-    model = make_tiny_llama(seed=0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                w = module.weight
-                w.masked_fill_(w.abs() < w.abs().median(), 0.0)
-    torch.manual_seed(1)  # adapter init
-    return get_spp_model(model, SPPConfig(**CONFIG))
+def launcher(name: str) -> list[str]:
+    exe = shutil.which(name, path=str(BIN)) or shutil.which(name)
+    if exe is None:
+        pytest.skip(f"{name} is not installed")
+    return [exe]
 
 
-def global_batch(step: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randint(0, 128, (2 * WORLD, 10), generator=g)
+TORCHRUN = ["--standalone", "--nproc_per_node", "2"]
+ACCELERATE = ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
 
 
-def local_grads(spp: SPPModel) -> dict[str, torch.Tensor]:
-    """Adapter gradients by adapter key ("<layer>.alpha"), gathered if sharded."""
-    out = {}
-    for name, p in spp.named_parameters():
-        if p.requires_grad:
-            g = p.grad
-            g = g.full_tensor() if hasattr(g, "full_tensor") else g
-            out[name.removeprefix("base_model.")] = g.detach().clone()
-    return out
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return make_cli_models(tmp_path_factory.mktemp("dist"))
 
 
-def train(model: nn.Module, spp: SPPModel, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """STEPS SGD steps on this rank's slice of each global batch; first step's gradients."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    spp.train()
-    first = {}
-    for step in range(STEPS):
-        ids = global_batch(step).chunk(world)[rank]
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        if step == 0:
-            first = local_grads(spp)
-        opt.step()
-    return first
+def train_args(workdir: Path, out: Path, batch: int, *extra: str) -> list[str]:
+    return ["-m", "spp_kernels", "train", "--model", str(workdir / "pruned"),
+            "--data", str(workdir / "text.txt"), "--max-len", "32", "--spp-r", "4",
+            "--dropout", "0", "--batch-size", str(batch), "--max-steps", STEPS, "--seed", "3",
+            "--save-every", "1", "--out", str(out), "--json", "--quiet", *extra]  # fmt: skip
 
 
-def merged_weights(spp: SPPModel) -> dict[str, torch.Tensor]:
-    names = list(spp.spp_layers())
-    merged = spp.merge_and_unload()
-    return {n: merged.get_submodule(n).weight.detach().clone() for n in names}
+def launch(prefix: list[str], args: list[str], stopped: bool = False) -> dict:
+    """Rank 0's JSON result. A stopped run's processes exit 130 once rank 0 has written the
+    checkpoint and the adapter (a final barrier), which torchrun reports as its own failure
+    (ChildFailedError, status 1; it may SIGTERM a rank still tearing down: harmless then)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=300, env=env)
+    if stopped:
+        assert proc.returncode != 0 and "exitcode  : 130" in proc.stderr, proc.stderr[-4000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "Traceback" not in proc.stderr
+    return json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    from safetensors.torch import save_file
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        out = Path(out_dir)
-        # DDP: the wrapper averages gradients across ranks.
-        spp = pruned_spp()
-        grads = train(DDP(spp), spp, rank, WORLD)
-        if rank == 0:
-            save_file(grads, str(out / "ddp_grads.safetensors"))
-            save_file(merged_weights(spp), str(out / "ddp_merged.safetensors"))
-
-        # FSDP2: shard every decoder layer, then the root; params become DTensors.
-        spp = pruned_spp()
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in spp.base_model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(spp, mesh=mesh)
-        assert hasattr(spp.spp_layers()["model.layers.0.self_attn.q_proj"].alpha, "full_tensor")
-        grads = train(spp, spp, rank, WORLD)
-        adapters = spp.adapter_state_dict()  # collective gather on every rank
-        spp.save_pretrained(out / "fsdp_adapter")  # every rank calls; rank 0 writes
-        if rank == 0:
-            save_file(grads, str(out / "fsdp_grads.safetensors"))
-            fresh = pruned_spp()
-            fresh.load_adapter_state_dict(adapters)
-            save_file(merged_weights(fresh), str(out / "fsdp_merged.safetensors"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+@pytest.fixture(scope="module")
+def single(workdir):
+    """One process, batch 4."""
+    out = workdir / "single"
+    assert main(train_args(workdir, out, 4)[2:]) == 0
+    return load_file(out / "adapter_model.safetensors")
 
 
-def test_ddp_and_fsdp2_match_single_process(tmp_path):
-    from safetensors.torch import load_file
+def assert_same_adapters(a: dict, b: dict, rtol: float = 1e-4) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        err = float((a[key].double() - b[key].double()).norm() / a[key].double().norm())
+        assert err <= rtol, (key, err)
 
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {"OMP_NUM_THREADS": "1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        mp.spawn(_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
-    ref = pruned_spp()
-    zeros = {n: layer.weight == 0 for n, layer in ref.spp_layers().items()}
-    ref_grads = train(ref, ref, rank=0, world=1)
-    ref_adapters = ref.adapter_state_dict()
-    ref_merged = merged_weights(ref)
-    assert len(ref_grads) == 28
+def test_torchrun_ddp_matches_one_process_with_twice_the_batch(workdir, single):
+    info = launch([*launcher("torchrun"), *TORCHRUN], train_args(workdir, workdir / "ddp", 2))
+    assert info["processes"] == 2 and info["fsdp"] is False and info["steps"] == int(STEPS)
+    assert_same_adapters(load_file(workdir / "ddp" / "adapter_model.safetensors"), single)
 
-    for kind in ("ddp", "fsdp"):
-        grads = load_file(str(out / f"{kind}_grads.safetensors"))
-        assert grads.keys() == ref_grads.keys(), kind
-        for name, g in ref_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
-        merged = load_file(str(out / f"{kind}_merged.safetensors"))
-        assert merged.keys() == ref_merged.keys()
-        for name, w in ref_merged.items():
-            torch.testing.assert_close(merged[name], w, rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
-            assert torch.equal(merged[name] == 0, zeros[name]), f"{kind} {name}: zeros moved"
 
-    # The adapter saved under FSDP2 loads into a plain model and equals the reference run.
-    loaded = SPPModel.from_pretrained(make_tiny_llama(), out / "fsdp_adapter")
-    for key, value in loaded.adapter_state_dict().items():
-        torch.testing.assert_close(value, ref_adapters[key], rtol=1e-4, atol=1e-6, msg=key)
+def test_accelerate_fsdp2_run_stopped_and_resumed_matches_one_process(workdir, single):
+    """accelerate launch + --fsdp (FSDP2), stopped after a checkpoint, resumed under
+    torchrun: the same adapters as one process; the result loads with peft."""
+    out = workdir / "fsdp"
+    stopped = launch([*launcher("accelerate"), *ACCELERATE],
+                     train_args(workdir, out, 2, "--fsdp", "--stop-after", "2"), stopped=True)  # fmt: skip
+    assert stopped["interrupted"] is True and stopped["steps"] == 2
+    assert stopped["processes"] == 2 and stopped["fsdp"] is True
+    resumed = launch([*launcher("torchrun"), *TORCHRUN],
+                     train_args(workdir, out, 2, "--fsdp", "--resume"))  # fmt: skip
+    assert resumed["steps"] == int(STEPS)
+    assert_same_adapters(load_file(out / "adapter_model.safetensors"), single)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workdir / "pruned"), out)
+    saved = load_file(out / "adapter_model.safetensors")
+    state = model.state_dict()
+    for key, value in saved.items():
+        live = key.replace(".spp_alpha", ".spp_alpha.default").replace(
+            ".spp_beta", ".spp_beta.default"
+        )
+        assert torch.equal(state[live], value), key

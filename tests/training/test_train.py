@@ -138,7 +138,8 @@ def test_checkpoint_layout_is_safetensors_and_json_only(tmp_path):
         "optimizer.safetensors",
         "trainer_state.json",
     ]
-    assert [p.name for p in root.glob("step-*")] == ["step-00000004"]  # older ones pruned
+    # The newest keep_checkpoints (2) stay, older ones are pruned.
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000003", "step-00000004"]
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 4 and len(state["losses"]) == 4
     saved = load_file(ckpt / "adapter.safetensors")
@@ -157,6 +158,37 @@ def test_half_written_checkpoint_does_not_break_resume(tmp_path):
     again = spp_model()
     result = train(again, data, TrainConfig(**CFG), tmp_path, resume=True, progress=False)
     assert result.step == 4
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    data = examples()
+    ref = train(spp_model(), data, TrainConfig(**CFG), tmp_path / "ref", progress=False)
+    train(spp_model(), data, TrainConfig(**CFG, stop_after=3), tmp_path / "run", progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000003"]
+    bad = root / "step-00000003" / "optimizer.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-8] + b"\xff" * 8)  # same size, other bytes
+    again = spp_model()
+    with caplog.at_level("WARNING", logger="spp_kernels.train"):
+        result = train(again, data, TrainConfig(**CFG), tmp_path / "run", resume=True,
+                       progress=False)  # fmt: skip
+    assert str(bad) in caplog.text and "trying an older one" in caplog.text
+    assert result.step == 4 and result.losses == ref.losses  # resumed from step 2, bit-exact
+
+
+def test_checkpoint_pointer_may_only_name_a_step_directory(tmp_path, caplog):
+    data = examples()
+    train(spp_model(), data, TrainConfig(**CFG, stop_after=2), tmp_path, progress=False)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    pointer = tmp_path / "checkpoints" / "latest.json"
+    pointer.write_text(json.dumps({"step": 9, "dir": "../elsewhere"}))
+    with caplog.at_level("WARNING", logger="spp_kernels.train"):
+        result = train(spp_model(), data, TrainConfig(**CFG), tmp_path, resume=True,
+                       progress=False)  # fmt: skip
+    assert "not a step directory of checkpoints/" in caplog.text
+    assert result.step == 4
+    assert not any(outside.iterdir())
 
 
 def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path):
@@ -180,7 +212,8 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path):
 def test_resume_refuses_changed_settings_or_data(tmp_path):
     data = examples()
     train(spp_model(), data, TrainConfig(**CFG, stop_after=1), tmp_path, progress=False)
-    with pytest.raises(ValueError, match="resume: .* lr=0.01, now lr=0.02"):
+    # The message names the changed key with its old and new values, not two whole dicts.
+    with pytest.raises(ValueError, match=r"resume: .* train_config\.lr: 0\.01 -> 0\.02$"):
         train(
             spp_model(),
             data,

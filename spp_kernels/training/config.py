@@ -1,0 +1,99 @@
+"""TrainConfig (the paper's recipe as defaults), TrainResult, the step count and LR schedule.
+
+Learning rate at 0-based step s of S: lr * (s + 1) / W during the W = ceil(warmup_ratio * S)
+warm-up steps, then lr * (S - s) / (S - W), decaying linearly towards 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# Fields that may change between a run and its resumption without changing the result.
+RESUMABLE_FIELDS = ("save_every", "stop_after", "keep_checkpoints", "skip_nonfinite")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of `train`; the defaults are the SPP paper's recipe.
+
+    batch_size is per process: N processes with batch_size B train on global batches of
+    N * B examples (the same adapters as one process with batch_size N * B).
+    keep_checkpoints: how many checkpoints stay on disk (a corrupt latest one falls back
+    to the previous). skip_nonfinite: how many optimizer steps with a non-finite loss or
+    gradient may be skipped before the run stops with an error. group_by_length: batches of
+    examples of similar length (less padding), still a seeded, resumable order.
+    """
+
+    lr: float = 4e-3
+    epochs: int = 3
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.001
+    max_grad_norm: float | None = 1.0
+    max_steps: int | None = None
+    seed: int = 0
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    save_every: int = 200
+    stop_after: int | None = None
+    keep_checkpoints: int = 2
+    skip_nonfinite: int = 0
+    group_by_length: bool = False
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (0.0 <= self.kd_weight <= 1.0, "kd_weight must be in [0, 1]"),
+            (self.kd_temperature > 0, "kd_temperature must be > 0"),
+            (self.save_every >= 1, "save_every must be >= 1"),
+            (self.stop_after is None or self.stop_after >= 1, "stop_after must be >= 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.skip_nonfinite >= 0, "skip_nonfinite must be >= 0"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+
+
+@dataclass
+class TrainResult:
+    """What a `train` call did: steps done of the total, losses, tokens, time, interruption
+    (`stop_signal`: the signal number that stopped it, if one did), skipped steps."""
+
+    step: int
+    total_steps: int
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    stop_signal: int | None = None
+    skipped_nonfinite: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else float("nan")
+
+
+def total_steps(n_examples: int, config: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps of a run: ceil(epochs * global batches per epoch / grad_accum),
+    capped by max_steps; a global batch holds world_size * batch_size examples."""
+    per_epoch = math.ceil(n_examples / (config.batch_size * world_size))
+    steps = math.ceil(config.epochs * per_epoch / config.grad_accum)
+    return min(steps, config.max_steps) if config.max_steps else steps
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
+    """Multiplier of the base learning rate at 0-based `step`: linear warm-up, linear decay."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
