@@ -49,7 +49,15 @@ def _read_state(directory: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(st))
     if binary.is_file():
-        state = torch.load(binary, map_location="cpu", weights_only=True)
+        import pickle
+
+        try:  # weights_only: tensors and containers only, never arbitrary objects
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            raise ValueError(
+                f"load_authors_checkpoint: {binary} is not a plain tensor file and was not "
+                f"loaded (pickled objects are refused: {str(e).splitlines()[0][:160]})"
+            ) from None
         if not isinstance(state, dict):
             raise ValueError(f"load_authors_checkpoint: {binary} does not hold a state dict")
         return state

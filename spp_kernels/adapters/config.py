@@ -182,6 +182,26 @@ class SPPConfig(PeftConfig):
     def from_json(cls, text: str) -> SPPConfig:
         return cls.from_dict(json.loads(text))
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
+                        **kwargs: Any) -> SPPConfig:  # fmt: skip
+        """peft's from_pretrained, refusing a saved regex: an adapter file names the modules it
+        wrapped (`wrapped_modules`); a pattern is only compiled from the user's own config
+        (a hostile pattern can backtrack for minutes)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
+        if (
+            isinstance(config, SPPConfig)
+            and config.wrapped_modules is None
+            and isinstance(config.target_modules, str)
+            and config.target_modules != ALL_LINEAR
+        ):
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: the adapter config has a target_modules "
+                "pattern and no wrapped_modules list; patterns are not read from files: pass "
+                "SPPConfig(target_modules=...) yourself or re-save the adapter"
+            )
+        return config
+
     def matches(self, name: str) -> bool:
         """Whether the module called `name` is targeted (peft's rule; module type is checked
         when wrapping)."""

@@ -115,6 +115,16 @@ class SPPLinear(nn.Module, BaseTunerLayer):
         self.reset_adapter(config.init, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        # Every load path (peft's set_peft_model_state_dict, transformers' load_adapter,
+        # load_state_dict) ends here: an integer alpha/beta would be cast silently.
+        for key, value in state_dict.items():
+            if key.startswith(prefix + "spp_") and not value.is_floating_point():
+                raise ValueError(
+                    f"adapter tensor {key} has dtype {value.dtype}; SPP adapters are floating point"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def reset_adapter(self, init: str = "paper", adapter_name: str | None = None) -> None:
         """Re-initialise an adapter's alpha and beta with one of INITS (the paper's

@@ -92,9 +92,14 @@ class SPPModel(PeftModel):
             )
         # Restored by merge_and_unload, so the merged model trains like the original did.
         requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
-        super().__init__(
-            model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **kwargs
-        )
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` property.
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+            )
+            super().__init__(
+                model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **kwargs
+            )
         self._requires_grad_before = requires_grad_before
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
@@ -195,6 +200,11 @@ class SPPModel(PeftModel):
         if kwargs:
             warnings.warn(f"SPPModel.save_pretrained ignores {sorted(kwargs)}", stacklevel=2)
         directory = Path(save_directory)
+        if not self.spp_layers():
+            raise ValueError(
+                "save_pretrained: the model has no SPP layers (merge_and_unload() removed them): "
+                "save the merged model with its own save_pretrained"
+            )
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a directory")
         for adapter_name, config in self.peft_config.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -193,6 +194,36 @@ class SPPTuner(BaseTuner):
         for name, p in self.model.named_parameters():
             if name in flags and p.requires_grad != flags[name]:
                 p.requires_grad_(flags[name])
+
+    def check_mergeable(self, adapter_names: list[str] | None = None) -> None:
+        """ValueError naming the first layer whose merged weight would hold non-finite values
+        (and how many): merge_adapter / merge_and_unload check every layer before changing
+        any."""
+        for name, layer in self.spp_layers().items():
+            names = adapter_names or [a for a in layer.active_adapters if a in layer.spp_alpha]
+            names = [a for a in names if a in layer.spp_alpha and a not in layer.merged_adapters]
+            if not names:
+                continue
+            merged = layer._merged_dense(layer._unmerged_dense(), layer.merged_adapters + names)
+            bad = int((~torch.isfinite(merged)).sum())
+            if bad:
+                raise ValueError(
+                    f"merge: layer {name} would get {bad} non-finite weights (adapters "
+                    f"{names}); nothing was merged"
+                )
+
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False
+    ) -> None:
+        self.check_mergeable(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:  # fmt: skip
+        self.check_mergeable(adapter_names)
+        return super().merge_and_unload(
+            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
 
     def spp_layers(self) -> dict[str, SPPLinear]:
         """The SPP layers by full name in the wrapped model, in module order."""
