@@ -6,6 +6,7 @@ Tiers, each importing only from the ones below it:
 """
 
 from . import _compat
+from ._version import __version__
 from .adapters import SPPConfig, SPPLinear, SPPModel, get_spp_model, load_authors_checkpoint
 from .ops import dropout_mask, spp_linear, spp_linear_packed
 from .sparsity import PackedWeight
@@ -22,5 +23,5 @@ __all__ = [
     "load_authors_checkpoint",
     "spp_linear",
     "spp_linear_packed",
+    "__version__",
 ]
-__version__ = "0.1.0"

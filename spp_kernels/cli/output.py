@@ -43,10 +43,32 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def strict_json(result: Any) -> tuple[Any, dict[str, str]]:
+    """(result with every non-finite float replaced by None, {dotted path: "nan"/"inf"}):
+    JSON has no NaN, and strict parsers (jq, browsers) reject Python's bare NaN."""
+    nonfinite: dict[str, str] = {}
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            nonfinite[path] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    return clean(result, ""), nonfinite
+
+
 def emit(args: argparse.Namespace, result: dict[str, Any], table: str) -> None:
-    """Print `result` as JSON (with --json) or `table` to stdout."""
+    """Print `result` as strict JSON (with --json) or `table` to stdout. Non-finite numbers
+    become null, and the field "nonfinite" names each with its value ("nan", "inf")."""
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        clean, nonfinite = strict_json(result)
+        if nonfinite:
+            clean["nonfinite"] = nonfinite
+        print(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False))
     else:
         print(table)
     sys.stdout.flush()

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils.hf import check_finite
 from ..utils.io import atomic_save_safetensors, atomic_write_text
 from .nm import PACKABLE_DTYPES, check_nm, is_nm, nm_compress, nm_decompress, nm_packed_nbytes
 from .report import is_adapter_layer
@@ -421,6 +422,8 @@ def save_compressed(
     linears = _selected_linears(model, modules, what)
     state = _dense_state(model)
     aliases = _aliases(state)
+    for key, tensor in state.items():
+        check_finite(tensor, key, what)
 
     packed_keys: list[str] = []
     offenders: list[str] = []
@@ -547,6 +550,11 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike) -> nn.Module
                     f"load_compressed: {key} has shape {tuple(target.shape)} in the model but "
                     f"{tuple(shapes[source])} in {path}"
                 )
+        # Two passes over the (memory-mapped) file: every tensor is checked before any
+        # parameter changes, without holding a second copy of the model.
+        for key in (*manifest["packed"], *manifest["dense"]):
+            stored = key + _VALUES_SUFFIX if key in manifest["packed"] else key
+            check_finite(f.get_tensor(stored), key, "load_compressed")
         with torch.no_grad():
             for key, target in state.items():
                 source = manifest["aliases"].get(key, key)

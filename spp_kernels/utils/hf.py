@@ -64,3 +64,22 @@ def input_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def check_finite(tensor: torch.Tensor, name: str, what: str, suffix: str = "") -> None:
+    """ValueError "`what`: `name` holds N non-finite values (NaN/inf)`suffix`" when a
+    floating tensor (not on the meta device) holds any."""
+    if tensor.is_floating_point() and tensor.device.type != "meta":
+        bad = int((~torch.isfinite(tensor.detach())).sum())
+        if bad:
+            raise ValueError(f"{what}: {name} holds {bad} non-finite values (NaN/inf){suffix}")
+
+
+def check_finite_parameters(model: nn.Module, what: str, names: list[str] | None = None) -> None:
+    """ValueError naming the first parameter or buffer (of `names`, default all floating
+    ones) holding non-finite values, with their count: `what` says who refuses."""
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    for name in names if names is not None else list(tensors):
+        if name in tensors:
+            check_finite(tensors[name], name, what, "; nothing was changed")

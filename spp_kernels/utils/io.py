@@ -19,7 +19,11 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "OutputLocked",
+    "apply_umask",
     "atomic_directory",
+    "check_output_dir",
+    "output_lock",
     "atomic_save_safetensors",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -58,6 +62,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        apply_umask(tmp)  # after the write: some writers (safetensors) recreate the file
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
@@ -139,8 +144,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise NotADirectoryError(f"{dest} exists and is not a directory")
     parent = dest.parent if str(dest.parent) else Path(".")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=parent))
+    apply_umask(tmp, directory=True)
     try:
         yield tmp
+        # Library writers (safetensors writes through a 0600 temp file) ignore the umask.
+        for item in tmp.rglob("*"):
+            if not item.is_symlink():
+                apply_umask(item, directory=item.is_dir())
         old = None
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
@@ -152,3 +162,71 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give `path` the permissions a plain open()/mkdir() would (0666 / 0777 minus the
+    umask): mkstemp and mkdtemp create 0600 / 0700, which would hide outputs from the
+    user's group."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def check_output_dir(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> Path:
+    """`out` resolved, or ValueError when replacing it could destroy something: it is the
+    current directory or one of its ancestors, "/", the home directory, or it contains one of
+    the command's `inputs` ({option: path})."""
+    dest = Path(out).expanduser()
+    resolved = dest.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ValueError(f"--out {out}: is the current directory or one of its parents")
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise ValueError(f"--out {out}: refusing to write to {resolved}")
+    for option, path in inputs.items():
+        if path is None or str(path).startswith("embedded:"):
+            continue
+        source = Path(path).expanduser().resolve()
+        if source == resolved or resolved in source.parents:
+            raise ValueError(f"--out {out}: contains {option} {path}; choose another directory")
+    return dest
+
+
+class OutputLocked(RuntimeError):
+    """Another process holds the lock on an output directory."""
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[Path]:
+    """Exclusive lock on output directory `out` for the duration of a command.
+
+    flock on a sibling file `.<name>.spp-lock` (so the lock exists before `out` does); the
+    file holds the holder's pid. A second writer fails at once with OutputLocked naming that
+    pid. The kernel releases the lock on every exit, signals and crashes included.
+    """
+    import fcntl
+
+    dest = Path(out)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    lock_path = parent / f".{dest.name}.spp-lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise OutputLocked(
+                f"{dest} is in use by another spp process (pid {holder}); wait for it or "
+                "choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # releases the flock

