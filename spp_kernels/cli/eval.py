@@ -6,36 +6,68 @@ import argparse
 import time
 from typing import Any
 
-from .models import load_adapter, load_model, resolve_device, sparsity_of, zero_masks
+from .models import (
+    load_adapter,
+    load_model,
+    resolve_device,
+    sparsity_of,
+    window_length,
+    zero_masks,
+)
 from .output import UserError, emit, first_line, format_table
+
+WIKIPEDIA = "wikipedia"
+
+
+def _data_name(args: argparse.Namespace) -> str:
+    return "Wikipedia held-out split" if args.data == WIKIPEDIA else str(args.data)
+
+
+def _eval_tokens(args: argparse.Namespace, tokenizer: Any) -> Any:
+    """The token stream of --data: a file, or the held-out Wikipedia split."""
+    from ..training.data import load_token_stream
+
+    if args.data != WIKIPEDIA:
+        return load_token_stream(args.data, tokenizer)
+    from ..datasets import DatasetUnavailable, wikipedia_tokens
+
+    if tokenizer is None:
+        raise UserError("--data wikipedia needs a model with a tokenizer")
+    try:
+        return wikipedia_tokens(tokenizer, "heldout", max_tokens=args.max_tokens)
+    except DatasetUnavailable as e:
+        raise UserError(str(e)) from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluate import perplexity
-    from ..training.data import check_vocab, load_token_stream
+    from ..training.data import check_vocab
 
     if args.data is None and not args.tasks:
         raise UserError("give --data FILE (perplexity) and/or --tasks (zero-shot)")
     model, tokenizer = load_model(args.model, device=resolve_device(args.device))
     sparsity = sparsity_of(zero_masks(model))
     if args.adapter is not None:
-        model = load_adapter(model, args.adapter)
+        model = load_adapter(model, args.adapter, allow_other_base=args.allow_other_base)
     info: dict[str, Any] = {"model": str(args.model), "sparsity": sparsity}
     rows: list[list[Any]] = [["sparsity (targeted layers)", f"{sparsity:.4f}"]]
     if args.data is not None:
-        tokens = load_token_stream(args.data, tokenizer)
+        seqlen = window_length(model, args.seqlen)
+        tokens = _eval_tokens(args, tokenizer)
         check_vocab(tokens, model.config.vocab_size, str(args.data))
-        limit = getattr(model.config, "max_position_embeddings", None) or args.seqlen
-        seqlen = min(args.seqlen, limit, tokens.numel())
+        seqlen = min(seqlen, tokens.numel())
         t0 = time.perf_counter()
         ppl = float(
             perplexity(
                 model, tokens, seqlen=seqlen, batch_size=args.batch_size, progress=not args.quiet
             )
         )
-        info.update(perplexity=ppl, tokens=int(tokens.numel()), seqlen=seqlen)
+        info.update(
+            perplexity=ppl, tokens=int(tokens.numel()), seqlen=seqlen, data=_data_name(args)
+        )
         info["seconds"] = time.perf_counter() - t0
-        rows += [["perplexity", ppl], ["tokens", int(tokens.numel())], ["seqlen", seqlen]]
+        rows += [["perplexity", ppl], ["data", info["data"]], ["tokens", int(tokens.numel())],
+                 ["seqlen", seqlen]]  # fmt: skip
     if args.tasks:
         from ..evaluate import zero_shot
 

@@ -9,43 +9,100 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .models import (
-    load_model,
-    prepare_out_dir,
-    resolve_device,
-    save_model_atomically,
-    sparsity_of,
-    zero_masks,
-)
+from . import models
 from .output import UserError, emit, first_line, format_table
 
 log = logging.getLogger("spp_kernels.cli")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from ..pruning import parse_sparsity, prune
-    from ..training.data import load_token_stream
+    from ..pruning import parse_sparsity
 
     sparsity = _parse_sparsity(parse_sparsity, args.sparsity)
-    out = prepare_out_dir(args.out, args.force)
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, device=device)
-    calibration = None
-    if args.method != "magnitude":
-        if args.calib is None:
-            calibration = builtin_calibration(tokenizer, args.model)
-            log.warning(
-                "no --calib given: calibrating on the built-in demo prompts (%d tokens); "
-                "pass --calib FILE with representative text for best results",
-                calibration.numel(),
-            )
-        else:
-            calibration = load_token_stream(args.calib, tokenizer)
-        nsamples, seqlen = calibration_shape(calibration.numel(), args.nsamples, args.seqlen)
-        calibration = calibration[: nsamples * seqlen].reshape(nsamples, seqlen)
+    inputs = {"--model": args.model, "--calib": None if args.calib == WIKIPEDIA else args.calib}
+    with models.owned_output(args.out, args.force, inputs) as out:
+        device = models.resolve_device(args.device)
+        model, tokenizer = models.load_model(args.model, device=device)
+        models.check_finite_model(model, "prune")
+        calibration, nsamples, seqlen = _calibration(args, model, tokenizer)
+        t0 = time.perf_counter()
+        try:
+            _prune(args, model, sparsity, calibration, nsamples, seqlen)
+        except ValueError as e:  # a sparsity or shape the model cannot take: nothing changed
+            raise UserError(first_line(e)) from None
+        seconds = time.perf_counter() - t0
+        models.check_rows_kept(model, "prune")
+        masks = models.zero_masks(model)
+        info = {
+            "method": args.method,
+            "sparsity_target": str(args.sparsity),
+            "sparsity": models.sparsity_of(masks),
+            "sparsegpt_mask": args.sparsegpt_mask if args.method == "sparsegpt" else None,
+            "calibration": _calibration_name(args),
+            "calibration_samples": nsamples,
+            "calibration_seqlen": seqlen,
+            "seconds": seconds,
+            "out": str(out),
+            "source_model": str(args.model),
+        }
+        extra = {"spp_prune.json": json.dumps(info, indent=2)}
+        models.save_model_atomically(model, tokenizer, out, extra)
+    rows = [
+        ["method", args.method],
+        ["target", str(args.sparsity)],
+        ["sparsity (targeted layers)", f"{info['sparsity']:.4f}"],
+        ["calibration", f"{nsamples} x {seqlen} tokens ({info['calibration']})" if nsamples
+         else "none"],
+        ["seconds", f"{seconds:.1f}"],
+        ["saved to", str(out)],
+    ]  # fmt: skip
+    emit(args, info, format_table(rows, ["prune", "value"]))
+    return 0
+
+
+WIKIPEDIA = "wikipedia"
+
+
+def _calibration_name(args: argparse.Namespace) -> str | None:
+    if args.method == "magnitude":
+        return None
+    if args.calib == WIKIPEDIA:
+        return "Wikipedia calibration split"
+    return str(args.calib) if args.calib else "built-in demo prompts"
+
+
+def _calibration(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Any, int, int]:
+    """(calibration ids (nsamples, seqlen) or None, nsamples, seqlen)."""
+    from ..training.data import load_token_stream
+
+    if args.method == "magnitude":
+        return None, 0, 0
+    seqlen = models.window_length(model, args.seqlen)
+    if args.calib == WIKIPEDIA:
+        from ..datasets import DatasetUnavailable, wikipedia_tokens
+
+        if tokenizer is None:
+            raise UserError("--calib wikipedia needs a model with a tokenizer")
+        try:
+            stream = wikipedia_tokens(tokenizer, "calibration", max_tokens=args.nsamples * seqlen)
+        except DatasetUnavailable as e:
+            raise UserError(str(e)) from None
+    elif args.calib is None:
+        stream = builtin_calibration(tokenizer, args.model)
+        log.warning(
+            "no --calib given: calibrating on the built-in demo prompts (%d tokens); "
+            "pass --calib wikipedia or a file with representative text for best results",
+            stream.numel(),
+        )
     else:
-        nsamples, seqlen = 0, 0
-    t0 = time.perf_counter()
+        stream = load_token_stream(args.calib, tokenizer)
+    nsamples, seqlen = calibration_shape(stream.numel(), args.nsamples, seqlen)
+    return stream[: nsamples * seqlen].reshape(nsamples, seqlen), nsamples, seqlen
+
+
+def _prune(args, model, sparsity, calibration, nsamples, seqlen) -> None:
+    from ..pruning import prune
+
     prune(
         model,
         args.method,
@@ -54,30 +111,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         nsamples=max(1, nsamples),
         seqlen=seqlen or None,
         progress=not args.quiet,
+        sparsegpt_mask=args.sparsegpt_mask,
     )
-    seconds = time.perf_counter() - t0
-    masks = zero_masks(model)
-    info = {
-        "method": args.method,
-        "sparsity_target": str(args.sparsity),
-        "sparsity": sparsity_of(masks),
-        "calibration_samples": nsamples,
-        "calibration_seqlen": seqlen,
-        "seconds": seconds,
-        "out": str(out),
-        "source_model": str(args.model),
-    }
-    save_model_atomically(model, tokenizer, out, {"spp_prune.json": json.dumps(info, indent=2)})
-    rows = [
-        ["method", args.method],
-        ["target", str(args.sparsity)],
-        ["sparsity (targeted layers)", f"{info['sparsity']:.4f}"],
-        ["calibration", f"{nsamples} x {seqlen} tokens" if nsamples else "none"],
-        ["seconds", f"{seconds:.1f}"],
-        ["saved to", str(out)],
-    ]
-    emit(args, info, format_table(rows, ["prune", "value"]))
-    return 0
 
 
 def _parse_sparsity(parse: Callable[[str], Any], text: str) -> Any:

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..sparsity.report import SparsityReport, sparsity_report
-from ..utils.hf import find_decoder_layers
+from ..utils.hf import check_finite_parameters, find_decoder_layers
 from .calibration import (
     calibration_samples,
     capture_block_inputs,
@@ -30,8 +30,8 @@ from .calibration import (
     run_block,
 )
 from .magnitude import magnitude_prune_weight
-from .masks import Sparsity, parse_sparsity, sparsity_name
-from .sparsegpt import BLOCKSIZE, HessianAccumulator, sparsegpt_prune_weight
+from .masks import Sparsity, kept_per_row, parse_sparsity, sparsity_name
+from .sparsegpt import BLOCKSIZE, MASKS, HessianAccumulator, sparsegpt_prune_weight
 from .wanda import InputNorms, wanda_prune_weight
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -57,6 +57,12 @@ def _validate_targets(
                 )
             if linear.weight.device.type == "meta":
                 raise ValueError(f"layer {i}.{name}: weight is on the meta device")
+            if not isinstance(sparsity, tuple) and kept_per_row(linear.in_features, sparsity) < 1:
+                raise ValueError(
+                    f"sparsity {sparsity} leaves no weight in the rows of layer {i}.{name} "
+                    f"({linear.in_features} inputs keep round((1 - s) * n) = 0); use a lower "
+                    "sparsity"
+                )
             if isinstance(sparsity, tuple) and linear.in_features % sparsity[1]:
                 raise ValueError(
                     f"{sparsity_name(sparsity)} sparsity needs M={sparsity[1]} to divide the "
@@ -77,12 +83,14 @@ def _stats_factory(method: str) -> Callable[[nn.Linear], InputNorms | HessianAcc
     )
 
 
-def _pruned_weight(method: str, linear: nn.Linear, stats, sparsity: Sparsity) -> torch.Tensor:
+def _pruned_weight(
+    method: str, linear: nn.Linear, stats, sparsity: Sparsity, sparsegpt_mask: str = "block"
+) -> torch.Tensor:
     if method == "magnitude":
         return magnitude_prune_weight(linear.weight, sparsity)
     if method == "wanda":
         return wanda_prune_weight(linear.weight, stats.sq_norms, sparsity)
-    return sparsegpt_prune_weight(linear.weight, stats.hessian, sparsity)
+    return sparsegpt_prune_weight(linear.weight, stats.hessian, sparsity, mask=sparsegpt_mask)
 
 
 def _collect_stats(method, block, targets, inputs, index) -> dict:
@@ -111,6 +119,7 @@ def prune(
     nsamples: int = 128,
     seqlen: int | None = None,
     progress: bool = True,
+    sparsegpt_mask: str = "block",
 ) -> SparsityReport:
     """Prune the nn.Linear layers inside a causal LM's decoder blocks, in place.
 
@@ -126,14 +135,19 @@ def prune(
         nsamples: calibration samples used (the first nsamples rows).
         seqlen: tokens per sample (None: the calibration rows' length).
         progress: show a tqdm bar over decoder layers.
+        sparsegpt_mask: SparseGPT's unstructured mask: "block" (the reference's one
+            threshold per 128-column block over all rows) or "row" (exact count per row).
 
     Returns the `sparsity_report` of the pruned model.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     target = parse_sparsity(sparsity)
+    if sparsegpt_mask not in MASKS:
+        raise ValueError(f"sparsegpt_mask must be one of {MASKS}, got {sparsegpt_mask!r}")
     _, layers = find_decoder_layers(model)
     targets = _validate_targets(layers, target, method)
+    check_finite_parameters(model, "prune")
     calibrated = method != "magnitude"
     samples = calibration_samples(calibration, nsamples, seqlen, model) if calibrated else None
 
@@ -151,7 +165,7 @@ def prune(
         for i, block in enumerate(layers):
             stats = _collect_stats(method, block, targets[i], inputs, i) if calibrated else {}
             new = {
-                name: _pruned_weight(method, linear, stats.get(name), target)
+                name: _pruned_weight(method, linear, stats.get(name), target, sparsegpt_mask)
                 for name, linear in targets[i].items()
             }
             for name, linear in targets[i].items():

@@ -17,11 +17,15 @@ then to everything right of the block with one matmul (err (m, B) @ U[block, aft
 Mask selection uses the OBS saliency w^2 / U[i, i]^2 on the current (already updated)
 weights:
 - N:M: at the first column of each group of M, the N largest scores of the group stay.
-- unstructured: at the start of each block the mask of the whole block is chosen. The
-  reference implementation takes one threshold over the whole block (all rows); here each
-  row prunes its own smallest scores, with per-block counts that add up to exactly
-  n - round((1 - s) * n) per row, so every output row keeps exactly round((1 - s) * n)
-  weights like Wanda and magnitude pruning (issue 4's definition of unstructured).
+- unstructured, mask="block" (the default; the reference implementation and the paper's
+  Algorithm 1): at the start of each block of B columns one threshold over the whole
+  (m, B) block, scores <= the score at rank int(s * m * B) are pruned, so rows keep
+  different counts (the layer keeps about round((1 - s) * n) per row on average).
+  On SmolLM2-135M it gave a lower layer reconstruction error than per-row masks in every
+  layer checked (issue 15: q_proj 233 vs 314, down_proj 20,571 vs 25,981).
+- unstructured, mask="row": each row prunes its own smallest scores, with per-block counts
+  adding up to exactly n - round((1 - s) * n) per row, so every output row keeps exactly
+  round((1 - s) * n) weights like Wanda and magnitude pruning.
 
 Dead inputs (diag(H) == 0, a channel the calibration never activates) get H[i, i] = 1 as
 in the reference; unlike the reference their weights are not zeroed up front, so the
@@ -37,6 +41,7 @@ from .masks import Sparsity, kept_per_row
 
 BLOCKSIZE = 128
 PERCDAMP = 0.01
+MASKS = ("block", "row")
 
 
 class HessianAccumulator:
@@ -93,12 +98,17 @@ def sparsegpt_prune_weight(
     sparsity: Sparsity,
     blocksize: int = BLOCKSIZE,
     percdamp: float = PERCDAMP,
+    mask: str = "block",
 ) -> torch.Tensor:
     """SparseGPT-pruned and updated copy of weight (m, n), in weight's dtype.
 
     hessian: (n, n), 2 X^T X of the layer's calibration inputs (any positive scale).
-    sparsity: a fraction (unstructured, exact per row) or (N, M).
+    sparsity: a fraction (unstructured) or (N, M).
+    mask: how an unstructured mask is chosen per block: "block" (one threshold over all
+        rows, the reference) or "row" (exactly round((1 - s) * n) kept per row).
     """
+    if mask not in MASKS:
+        raise ValueError(f"SparseGPT: mask must be one of {MASKS}, got {mask!r}")
     m, n = weight.shape
     if hessian.shape != (n, n):
         raise ValueError(f"SparseGPT: hessian must be ({n}, {n}), got {tuple(hessian.shape)}")
@@ -111,7 +121,8 @@ def sparsegpt_prune_weight(
     dtype = _work_dtype(weight)
     w = weight.detach().to(dtype).clone()
     hinv = inverse_hessian_factor(hessian.to(device=w.device, dtype=dtype), percdamp)
-    counts = None if nm is not None else _block_prune_counts(n, sparsity, blocksize)
+    per_row = nm is None and mask == "row"
+    counts = _block_prune_counts(n, sparsity, blocksize) if per_row else None
 
     for b, i1 in enumerate(range(0, n, blocksize)):
         i2 = min(i1 + blocksize, n)
@@ -120,9 +131,14 @@ def sparsegpt_prune_weight(
         d = torch.diagonal(hinv1)
         err1 = torch.zeros_like(w1)
         prune1 = torch.zeros_like(w1, dtype=torch.bool)
-        if counts is not None and counts[b]:
+        if nm is None:
             scores = w1.square() / d.square().unsqueeze(0)
-            prune1.scatter_(1, scores.topk(counts[b], dim=1, largest=False).indices, True)
+            if counts is not None:
+                if counts[b]:
+                    prune1.scatter_(1, scores.topk(counts[b], dim=1, largest=False).indices, True)
+            else:
+                threshold = scores.flatten().sort()[0][int(scores.numel() * sparsity)]
+                prune1 = scores <= threshold
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 group = slice(i, i + nm[1])

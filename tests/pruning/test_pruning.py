@@ -234,7 +234,9 @@ def test_masks_match_reference(method, sparsity):
 def test_exact_sparsity_and_report(method, sparsity):
     model = make_tiny_llama()
     before = {n: p.clone() for n, p in model.named_parameters()}
-    report = prune(model, method, sparsity, calibration=_calib(), nsamples=4, progress=False)
+    # exact per-row counts; SparseGPT's default block-wise mask is checked below
+    report = prune(model, method, sparsity, calibration=_calib(), nsamples=4, progress=False,
+                   sparsegpt_mask="row")  # fmt: skip
     target = parse_sparsity(sparsity)
     names = []
     for name, lin in _targets(model):
@@ -263,6 +265,22 @@ def test_exact_sparsity_and_report(method, sparsity):
         )
     else:
         assert report.pattern is None
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_sparsegpt_block_mask_prunes_the_fraction_per_block(sparsity):
+    """The reference mask: one threshold per 128-column block across all rows, so rows may
+    keep different counts but each (rows x 128) block loses int(s * numel) + 1 weights."""
+    model = make_tiny_llama()
+    prune(model, "sparsegpt", sparsity, calibration=_calib(), nsamples=4, progress=False)
+    rows_differ = False
+    for name, lin in _targets(model):
+        zeros = lin.weight == 0
+        for start in range(0, lin.in_features, 128):
+            block = zeros[:, start : start + 128]
+            assert int(block.sum()) == int(sparsity * block.numel()) + 1, name
+        rows_differ |= bool((zeros.sum(1) != zeros.sum(1)[0]).any())
+    assert rows_differ
 
 
 def test_report_patterns_and_format():
@@ -303,7 +321,8 @@ def test_other_llama_family_models(factory):
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_half_precision_models(method, dtype):
     model = make_tiny_llama().to(dtype)
-    report = prune(model, method, 0.5, calibration=_calib(), nsamples=4, progress=False)
+    report = prune(model, method, 0.5, calibration=_calib(), nsamples=4, progress=False,
+                   sparsegpt_mask="row")  # fmt: skip
     for _, lin in _targets(model):
         assert lin.weight.dtype == dtype
         assert torch.isfinite(lin.weight).all()
