@@ -28,6 +28,7 @@ from torch import nn
 
 from spp_kernels.adapters.layer import SPPLinear
 from spp_kernels.ops.reference import spp_linear_naive
+from spp_kernels.utils import shapes
 
 from . import common
 
@@ -43,36 +44,10 @@ LORA_RANK = 8
 SPARSITY = (2, 4)
 DTYPE = torch.bfloat16
 
-FULL = {
-    "config": dict(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-    ),
-    "batch": 4,
-    "seq": 2048,
-    "warmup": 2,
-    "steps": 5,
-}
-QUICK = {
-    "config": dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    ),
-    "batch": 2,
-    "seq": 64,
-    "warmup": 1,
-    "steps": 3,
-}
+FULL = dict(config=dict(shapes.TINYLLAMA_1B, max_position_embeddings=2048), batch=4, seq=2048,
+            warmup=2, steps=5)  # fmt: skip
+QUICK = dict(config=dict(shapes.TINY, max_position_embeddings=128), batch=2, seq=64, warmup=1,
+             steps=3)  # fmt: skip
 
 
 class NaiveSPPLinear(SPPLinear):

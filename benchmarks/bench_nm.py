@@ -39,6 +39,7 @@ from torch import nn
 from spp_kernels import SPPConfig, SPPLinear, get_spp_model
 from spp_kernels.pruning.masks import nm_mask
 from spp_kernels.sparsity.nm import nm_packed_nbytes
+from spp_kernels.utils import shapes as llama_shapes
 
 from . import common
 
@@ -51,35 +52,11 @@ LLAMA_SHAPES = {
     "llama-2-7b": {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1},
     "llama-2-70b": {(8192, 8192): 2, (1024, 8192): 2, (28672, 8192): 2, (8192, 28672): 1},
 }
-LLAMA_DIMS = {
-    "llama-2-7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        num_hidden_layers=32,
-        vocab_size=32000,
-    ),
-    "llama-2-70b": dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        num_hidden_layers=80,
-        vocab_size=32000,
-    ),
-}
+LLAMA_DIMS = {"llama-2-7b": llama_shapes.LLAMA_7B, "llama-2-70b": llama_shapes.LLAMA_2_70B}
 LAYER_TOKENS = {"quick": (2048,), "full": (2048, 8192)}
 STEP_LAYERS = {"quick": {"llama-2-7b": 2}, "full": {"llama-2-7b": 4, "llama-2-70b": 2}}
 STEP_TOKENS = {"quick": 1024, "full": 2048}
-SMALL_LLAMA = dict(
-    hidden_size=256,
-    intermediate_size=688,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_hidden_layers=2,
-    vocab_size=512,
-)
+SMALL_LLAMA = dict(llama_shapes.TINY, hidden_size=256, intermediate_size=688, vocab_size=512)
 
 
 def _mib(nbytes: float) -> float:

@@ -29,6 +29,7 @@ from spp_kernels.sparsity.sparse24 import (
     semi_structured_weight,
     to_semi_structured,
 )
+from spp_kernels.utils import shapes as llama_shapes
 
 from . import common
 
@@ -45,15 +46,7 @@ DECODE_TOKENS = (1, 16, 64)
 QUICK_PREFILL_TOKENS = (2048, 8192)
 QUICK_DECODE_TOKENS = (1, 64)
 
-LLAMA_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-)
+LLAMA_7B = dict(llama_shapes.LLAMA_7B, max_position_embeddings=4096, tie_word_embeddings=False)
 E2E_LAYERS = {"full": 32, "quick": 4}
 E2E_TOKENS = {"full": (2048, 4096), "quick": (2048,)}
 
@@ -142,7 +135,7 @@ def _llama_2to4(layers: int, device: str) -> torch.nn.Module:
     """A random-init LLaMA (7B widths, `layers` decoder layers), decoder linears pruned 2:4."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(num_hidden_layers=layers, **LLAMA_7B)
+    config = LlamaConfig(**{**LLAMA_7B, "num_hidden_layers": layers})
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(DTYPE).eval()

@@ -17,6 +17,10 @@ o (output features, of W (m, n)) and columns i (input features):
 The kernels read the frozen weight only through `frozen_weight_tile`: a plain load for a
 dense W, or (constexpr NM_M > 0) `nm_tiles.nm_dense_tile`, which expands the tile from the
 N:M packed values and metadata in registers, so a packed weight is never made dense.
+
+Status (2026-12-01): exercised through every kernel under the Triton 3.6 interpreter
+(tests/ops) and compiled for sm_90a and sm_80 (benchmarks/kernel_report.py); not yet run on
+a GPU.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ Two decoders, chosen by the constexpr N:
 Nothing here ever writes a dense weight to memory: the tile lives in registers and is fed
 straight to `tl.dot` by the fused SPP kernels, which read the frozen weight only through
 `_tiles.frozen_weight_tile` (constexpr NM_N, NM_M).
+
+Status (2026-12-01): both decoders tested under the Triton 3.6 interpreter against
+`spp_kernels.sparsity.nm` (tests/ops/test_nm_kernels.py); compiled for sm_90a and sm_80
+inside the packed kernel variants (benchmarks/kernel_report.py); not yet run on a GPU.
 """
 
 from __future__ import annotations

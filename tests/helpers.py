@@ -8,7 +8,25 @@ import json
 
 import torch
 
+from spp_kernels.utils import shapes
+
 HAS_CUDA = torch.cuda.is_available()
+# The Triton interpreter (3.6) turns 0-d arrays into loop bounds with a numpy deprecation.
+INTERPRETER_WARNINGS = "ignore:Conversion of an array with ndim:DeprecationWarning"
+
+
+def require_triton_kernels() -> None:
+    """Skip the calling test module unless the Triton kernels can run: triton installed,
+    and a CUDA GPU or the interpreter (TRITON_INTERPRET=1, set by conftest without CUDA)."""
+    import os
+
+    import pytest
+
+    pytest.importorskip("triton")
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -25,15 +43,7 @@ def normwise_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-_TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+_TINY = dict(shapes.TINY, max_position_embeddings=256)
 
 
 def make_tiny_llama(seed: int = 0, **overrides):
@@ -96,3 +106,50 @@ ALPACA = [
     {"instruction": "Add.", "input": "2 and 3", "output": "5."},
     {"instruction": "Name a color.", "output": "blue."},
 ]
+
+
+# ---- the `spp` command, called in-process ---------------------------------------------
+
+CLI_TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def cli_run(capsys, *argv):
+    """(exit status, stdout, stderr) of spp_kernels.cli.main(argv)."""
+    from spp_kernels.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_json(capsys, *argv):
+    """The JSON result of a successful `spp ... --json --quiet`."""
+    code, out, err = cli_run(capsys, *argv, "--json", "--quiet")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def assert_user_error(capsys, pattern, *argv):
+    """Exit 1 with exactly one `spp ...: error:` line containing `pattern`, no traceback."""
+    code, out, err = cli_run(capsys, *argv, "--quiet")
+    assert code == 1, (out, err)
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith("spp ")]
+    assert len(lines) == 1, err
+    assert pattern in lines[0], lines[0]
+    return lines[0]
+
+
+def make_cli_models(root):
+    """root/dense (tiny LLaMA + tokenizer), root/pruned (2:4 magnitude), data files
+    root/alpaca.jsonl and root/text.txt; returns root."""
+    from spp_kernels.cli import main
+
+    dense = root / "dense"
+    make_tiny_llama(seed=0).save_pretrained(dense)
+    tiny_tokenizer().save_pretrained(dense)
+    write_jsonl(root / "alpaca.jsonl", ALPACA * 4)
+    (root / "text.txt").write_text(CLI_TEXT)
+    assert main(["prune", "--model", str(dense), "--method", "magnitude", "--sparsity", "2:4",
+                 "--out", str(root / "pruned"), "--quiet"]) == 0  # fmt: skip
+    return root

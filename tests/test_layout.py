@@ -20,6 +20,9 @@ TIERS = {
     "training": 4,
     "evaluate": 4,
     "data": 4,
+    "datasets": 1,
+    "_version": 0,
+    "lmeval_tasks": 1,
     "cli": 5,
 }
 TOP = 6  # spp_kernels/__init__.py, __main__.py, _compat.py: the public surface

@@ -17,6 +17,7 @@ from spp_kernels.adapters.config import (
     LLAMA_TARGET_MODULES,
 )
 from spp_kernels.ops.groups import row_groups
+from spp_kernels.utils import shapes
 from spp_kernels.utils.io import atomic_save_safetensors, atomic_write_text
 from tests.helpers import make_tiny_llama
 
@@ -169,14 +170,7 @@ def test_weight_format_decides_the_base_layer():
 def test_llama_7b_trainable_count_on_meta_device(capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    )
+    cfg = LlamaConfig(**shapes.LLAMA_7B)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     total_before = sum(p.numel() for p in model.parameters())

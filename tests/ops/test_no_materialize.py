@@ -25,26 +25,19 @@ of W's bytes and a chunk-sized allocation is seen (so the budget, not luck, boun
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-pytest.importorskip("triton")
+from tests.helpers import HAS_CUDA, INTERPRETER_WARNINGS, require_triton_kernels  # noqa: E402
 
-from tests.helpers import HAS_CUDA  # noqa: E402
-
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+require_triton_kernels()
 
 from spp_kernels import spp_linear  # noqa: E402
 from spp_kernels.ops import chunked, triton_backend  # noqa: E402
 from spp_kernels.ops.reference import spp_linear_naive  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning"
-)
+pytestmark = pytest.mark.filterwarnings(INTERPRETER_WARNINGS)
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOKENS, N, M, R = 8, 48, 64, 16
 # Smallest forbidden tensor in the smallest float dtype (2 bytes): m*n = 3072 elements,

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from tests.helpers import (  # noqa: E402
+    HAS_CUDA,
+    INTERPRETER_WARNINGS,
+    TOL,
+    normwise_error,
+    require_triton_kernels,
+)
 
-from tests.helpers import HAS_CUDA, TOL, normwise_error  # noqa: E402
-
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+require_triton_kernels()
 
 import csrc_triton.dropout_bits as dropout_bits_mod  # noqa: E402
 import csrc_triton.spp_backward as spp_backward_mod  # noqa: E402
@@ -43,10 +45,7 @@ from spp_kernels.ops.frozen import Frozen  # noqa: E402
 from spp_kernels.ops.groups import row_groups  # noqa: E402
 from spp_kernels.ops.reference import spp_linear_naive  # noqa: E402
 
-# The interpreter (triton 3.6) turns 0-d arrays into loop bounds with a numpy deprecation.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning"
-)
+pytestmark = pytest.mark.filterwarnings(INTERPRETER_WARNINGS)
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Largest error seen per (dtype, quantity), printed at the end of the module.
 MAX_ERRORS: dict[tuple[str, str], float] = {}

@@ -23,6 +23,7 @@ from spp_kernels.sparsity.sparse24 import (
     semi_structured_backend,
     to_semi_structured,
 )
+from spp_kernels.utils import shapes
 from tests.helpers import make_tiny_llama
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -277,15 +278,7 @@ def test_load_compressed_rejects_mismatches_before_changing_anything(tmp_path):
 def test_llama_7b_expected_fraction():
     from transformers import LlamaConfig
 
-    cfg7b = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-    )
+    cfg7b = LlamaConfig(**shapes.LLAMA_7B, tie_word_embeddings=False)
     fraction = llama_compressed_fraction(cfg7b)
     # linears 6.48e9 params at 0.5625, embeddings + lm_head 0.26e9 dense
     assert fraction == pytest.approx(0.5795, abs=0.001)

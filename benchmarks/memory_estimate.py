@@ -1,0 +1,105 @@
+"""Training memory of SPP on LLaMA-7B / 13B / 70B, computed from shapes (not measured):
+`python -m benchmarks.memory_estimate [--tokens-per-gpu 8192] [--gpus 8] [--r 16]`.
+
+Per GPU, for `spp train --bf16` (frozen weights bf16, adapters fp32, AdamW):
+  frozen      every parameter of the base in bf16; "packed 2:4" stores the seven targeted
+              projections as N:M values + metadata (spp_kernels.sparsity.nm_packed_nbytes)
+  adapters    alpha (r, n) + beta (m,) per targeted layer, fp32: weights + gradients +
+              AdamW's two moments = 16 bytes per trainable parameter
+  activations saved for backward, bf16, per token and decoder layer (SDPA/flash attention,
+              which keeps no (seq x seq) scores): the inputs of the two RMSNorms, of q/k/v
+              (shared), of o_proj, of gate/up (shared) and of down_proj, q/k/v/out of
+              attention, gate and up outputs for SiLU-gating, i.e. (6 h + 2 kv + 3 i) * 2
+              bytes, plus the dropout keep bits of each SPP layer's input (1 bit per
+              element); with --gradient-checkpointing only each layer's input (2 h bytes)
+              plus one layer's activations during its recomputation
+  logits      the (tokens, vocab) logits in fp32 for the loss, and their gradient
+Replicated (DDP) frozen weights on every GPU; with --fsdp (FSDP2) weights, adapters and
+optimizer state are divided by the number of GPUs (activations are not). Allocator
+fragmentation, CUDA context (~0.5 GiB) and temporary buffers (the row-chunked W_eff of the
+large-token path, at most 64 MiB per call) come on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from spp_kernels.utils import shapes as llama_shapes
+
+GIB = 1024**3
+
+
+SHAPES = {"LLaMA-7B": llama_shapes.LLAMA_7B, "LLaMA-13B": llama_shapes.LLAMA_13B,
+          "LLaMA-2-70B": llama_shapes.LLAMA_2_70B}  # fmt: skip
+
+
+def projections(c: dict) -> list[tuple[int, int]]:
+    """(out, in) of the seven targeted projections of one decoder layer of config `c`."""
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+def n_params(c: dict) -> int:
+    per_layer = sum(m * n for m, n in projections(c)) + 2 * c["hidden_size"]
+    return c["num_hidden_layers"] * per_layer + (2 * c["vocab_size"] + 1) * c["hidden_size"]
+
+
+def estimate(c: dict, tokens: int, gpus: int, r: int, fsdp: bool, ckpt: bool) -> dict[str, float]:
+    import torch
+
+    from spp_kernels.sparsity.nm import nm_packed_nbytes
+
+    proj, layers = projections(c), c["num_hidden_layers"]
+    dense = n_params(c) * 2
+    targeted = layers * sum(m * n for m, n in proj) * 2
+    packed = layers * sum(nm_packed_nbytes(m, n, 2, 4, torch.bfloat16) for m, n in proj)
+    trainable = layers * sum(r * n + m for m, n in proj)
+    shard = gpus if fsdp else 1
+    h, kv, i = c["hidden_size"], proj[1][0], c["intermediate_size"]
+    full_layer = tokens * ((6 * h + 2 * kv + 3 * i) * 2 + sum(n for _, n in proj) / 8)
+    acts = tokens * layers * 2 * h + full_layer if ckpt else layers * full_layer
+    logits = tokens * c["vocab_size"] * 4 * 2
+    return {
+        "frozen dense": dense / shard / GIB,
+        "frozen packed 2:4": (dense - targeted + packed) / shard / GIB,
+        "trainable params": trainable,
+        "adapters+grad+AdamW": trainable * 16 / shard / GIB,
+        "activations": acts / GIB,
+        "logits": logits / GIB,
+    }
+
+
+def table(tokens: int, gpus: int, r: int) -> str:
+    lines = [
+        f"Per-GPU memory (GiB, computed from shapes): {tokens} tokens per GPU, r = {r}, bf16 "
+        f"frozen weights, fp32 adapters, {gpus} GPUs under --fsdp.",
+        "",
+        "| model | params | SPP trainable | frozen dense (DDP) | frozen 2:4 (DDP) | frozen 2:4 "
+        f"(FSDP2 /{gpus}) | adapters + AdamW | activations | activations (ckpt) | logits |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, c in SHAPES.items():
+        ddp = estimate(c, tokens, gpus, r, fsdp=False, ckpt=False)
+        fsdp = estimate(c, tokens, gpus, r, fsdp=True, ckpt=True)
+        lines.append(
+            f"| {name} | {n_params(c) / 1e9:.2f} B | {ddp['trainable params'] / 1e6:.1f} M | "
+            f"{ddp['frozen dense']:.1f} | {ddp['frozen packed 2:4']:.1f} | "
+            f"{fsdp['frozen packed 2:4']:.2f} | {ddp['adapters+grad+AdamW']:.2f} | "
+            f"{ddp['activations']:.1f} | {fsdp['activations']:.1f} | {ddp['logits']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_estimate")
+    parser.add_argument("--tokens-per-gpu", type=int, default=8192)
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--r", type=int, default=16)
+    args = parser.parse_args(argv)
+    print(table(args.tokens_per_gpu, args.gpus, args.r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
