@@ -160,7 +160,7 @@ def zero_shot(
         raise RuntimeError(
             f"lm-eval could not load the data of tasks {tasks}: {exc}. Download them once "
             "with network access (they are cached under ~/.cache/huggingface/datasets, or "
-            "HF_DATASETS_CACHE), then rerun with HF_DATASETS_OFFLINE=1"
+            "HF_DATASETS_CACHE) by running once with HF_DATASETS_OFFLINE=0, then rerun"
         ) from exc
     if out is None:  # lm-eval returns None on non-zero ranks
         return {}

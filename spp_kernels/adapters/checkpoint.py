@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..utils.hf import check_finite
 from ..utils.io import atomic_save_safetensors, atomic_write_text
 from .config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LEGACY_CONFIG_NAME, SPPConfig
 
@@ -34,15 +35,8 @@ def _natural(name: str) -> list:
 def check_finite_state(state: dict[str, torch.Tensor], what: str) -> None:
     """ValueError naming the first tensor with non-finite values and their count."""
     for key in sorted(state, key=_natural):
-        t = state[key]
-        if t.is_floating_point():
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                layer = key.rsplit(".", 1)[0]
-                raise ValueError(
-                    f"{what}: {bad} non-finite values in {key} (layer {layer}); training "
-                    "diverged? nothing was written"
-                )
+        check_finite(state[key], f"{key} (layer {key.rsplit('.', 1)[0]})", what,
+                     "; training diverged? nothing was written")  # fmt: skip
 
 
 def check_adapter_state(
@@ -87,7 +81,6 @@ def write_peft_adapter(
     directory: str | os.PathLike,
     config: SPPConfig,
     state: dict[str, torch.Tensor],
-    layers: dict | None = None,
 ) -> Path:
     """Write peft's adapter layout for one adapter: `state` holds "<module>.alpha/.beta".
 

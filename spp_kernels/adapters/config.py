@@ -32,7 +32,6 @@ from .registration import SPP_PEFT_TYPE
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's name
 LEGACY_CONFIG_NAME = "spp_config.json"  # spp-kernels 0.1.0's adapter directories
-FORMAT_VERSION = "2"
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16", "float64")
 WEIGHT_FORMATS = ("dense", "nm", "auto")

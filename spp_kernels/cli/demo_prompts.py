@@ -1,11 +1,6 @@
-"""Fixed prompts for `spp demo`, written for this project.
-
-The dense model answers them (seeded sampling) and its own text becomes the demo's
-training and held-out data: SPP training then pulls the pruned model back towards the
-dense model's distribution. The prompts are deliberately varied (science, how-to,
-writing, reasoning, everyday advice) so the held-out split is not a paraphrase of the
-training split.
-"""
+"""Fixed prompts written for this project: `spp prune`'s calibration text when no --calib
+is given (a fallback; `--calib wikipedia` is the real-text choice). Deliberately varied
+(science, how-to, writing, reasoning, everyday advice)."""
 
 PROMPTS: tuple[str, ...] = (
     "Explain why the sky is blue.",

@@ -7,16 +7,16 @@ import time
 from typing import Any
 
 from .models import (
+    WIKIPEDIA,
     load_adapter,
     load_model,
     resolve_device,
     sparsity_of,
+    wikipedia,
     window_length,
     zero_masks,
 )
 from .output import UserError, emit, first_line, format_table
-
-WIKIPEDIA = "wikipedia"
 
 
 def _data_name(args: argparse.Namespace) -> str:
@@ -28,15 +28,10 @@ def _eval_tokens(args: argparse.Namespace, tokenizer: Any) -> Any:
     from ..training.data import load_token_stream
 
     if args.data != WIKIPEDIA:
+        if args.max_tokens is not None:
+            raise UserError("--max-tokens goes with --data wikipedia; cut the file instead")
         return load_token_stream(args.data, tokenizer)
-    from ..datasets import DatasetUnavailable, wikipedia_tokens
-
-    if tokenizer is None:
-        raise UserError("--data wikipedia needs a model with a tokenizer")
-    try:
-        return wikipedia_tokens(tokenizer, "heldout", max_tokens=args.max_tokens)
-    except DatasetUnavailable as e:
-        raise UserError(str(e)) from None
+    return wikipedia("--data", tokenizer, "heldout", max_tokens=args.max_tokens)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

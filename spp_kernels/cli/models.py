@@ -210,15 +210,39 @@ def prepare_out_dir(
 def owned_output(
     out: str | os.PathLike, force: bool, inputs: dict[str, Any] | None = None
 ) -> Iterator[Path]:
-    """`prepare_out_dir`, then an exclusive lock on --out for the whole command (a second
-    writer fails at once naming the holder's pid; released on every exit path)."""
+    """An exclusive lock on --out for the whole command (a second writer fails at once
+    naming the holder's pid; released on every exit path), then `prepare_out_dir` under
+    the lock (so no other writer can fill --out between the check and the write)."""
     from ..utils.io import OutputLocked, output_lock
 
-    path = prepare_out_dir(out, force, inputs)
+    path = Path(out)
+    if not path.parent.exists():
+        raise UserError(f"--out {path}: parent directory {path.parent} does not exist")
     try:
         with output_lock(path):
-            yield path
+            yield prepare_out_dir(path, force, inputs)
     except OutputLocked as e:
+        raise UserError(str(e)) from None
+
+
+# --data / --calib name of the built-in offline corpus (spp_kernels.datasets).
+WIKIPEDIA = "wikipedia"
+
+
+def wikipedia(option: str, tokenizer: Any, split: str, seqlen: int | None = None,
+              max_tokens: int | None = None) -> Any:  # fmt: skip
+    """`split` of the offline Wikipedia corpus for `option`: (windows, seqlen) token ids
+    when seqlen is given, else the first max_tokens ids of its stream; UserErrors when the
+    model has no tokenizer or the corpus is not installed."""
+    from ..datasets import DatasetUnavailable, wikipedia_tokens, wikipedia_windows
+
+    if tokenizer is None:
+        raise UserError(f"{option} {WIKIPEDIA} needs a model with a tokenizer")
+    try:
+        if seqlen is not None:
+            return wikipedia_windows(tokenizer, split, seqlen)
+        return wikipedia_tokens(tokenizer, split, max_tokens=max_tokens)
+    except DatasetUnavailable as e:
         raise UserError(str(e)) from None
 
 

@@ -124,7 +124,7 @@ def _train_parser(sub) -> None:
         "--stop-after",
         type=_positive_int,
         default=None,
-        help="stop (with a checkpoint) after N steps",
+        help="stop (with a checkpoint, exit 0) at step N of the run (counting resumed steps)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in --out"

@@ -19,11 +19,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..pruning import parse_sparsity
 
     sparsity = _parse_sparsity(parse_sparsity, args.sparsity)
-    inputs = {"--model": args.model, "--calib": None if args.calib == WIKIPEDIA else args.calib}
+    inputs = {
+        "--model": args.model,
+        "--calib": None if args.calib == models.WIKIPEDIA else args.calib,
+    }
     with models.owned_output(args.out, args.force, inputs) as out:
         device = models.resolve_device(args.device)
         model, tokenizer = models.load_model(args.model, device=device)
-        models.check_finite_model(model, "prune")
         calibration, nsamples, seqlen = _calibration(args, model, tokenizer)
         t0 = time.perf_counter()
         try:
@@ -60,13 +62,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-WIKIPEDIA = "wikipedia"
-
-
 def _calibration_name(args: argparse.Namespace) -> str | None:
     if args.method == "magnitude":
         return None
-    if args.calib == WIKIPEDIA:
+    if args.calib == models.WIKIPEDIA:
         return "Wikipedia calibration split"
     return str(args.calib) if args.calib else "built-in demo prompts"
 
@@ -76,17 +75,13 @@ def _calibration(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[
     from ..training.data import load_token_stream
 
     if args.method == "magnitude":
+        if args.calib is not None:
+            log.warning("--calib is not used by --method magnitude")
         return None, 0, 0
     seqlen = models.window_length(model, args.seqlen)
-    if args.calib == WIKIPEDIA:
-        from ..datasets import DatasetUnavailable, wikipedia_tokens
-
-        if tokenizer is None:
-            raise UserError("--calib wikipedia needs a model with a tokenizer")
-        try:
-            stream = wikipedia_tokens(tokenizer, "calibration", max_tokens=args.nsamples * seqlen)
-        except DatasetUnavailable as e:
-            raise UserError(str(e)) from None
+    if args.calib == models.WIKIPEDIA:
+        stream = models.wikipedia("--calib", tokenizer, "calibration",
+                                  max_tokens=args.nsamples * seqlen)  # fmt: skip
     elif args.calib is None:
         stream = builtin_calibration(tokenizer, args.model)
         log.warning(
@@ -139,7 +134,7 @@ def calibration_shape(tokens: int, nsamples: int, seqlen: int) -> tuple[int, int
 
 
 def builtin_calibration(tokenizer: Any, model_path: Any) -> Any:
-    """Token ids of the built-in demo prompts in the model's chat format (a fallback)."""
+    """Token ids of the built-in prompts joined with blank lines (a fallback calibration)."""
     import torch
 
     from .demo_prompts import PROMPTS

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .models import load_model, prepare_out_dir, resolve_device
+from .models import WIKIPEDIA, load_model, owned_output, resolve_device, wikipedia
 from .output import UserError, emit, first_line, format_table
 
 log = logging.getLogger("spp_kernels.cli")
@@ -58,30 +58,31 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
 
 @contextlib.contextmanager
 def _owned_output(args: argparse.Namespace, is_main: bool) -> Iterator[Path]:
-    """Rank 0 checks --out and holds its lock for the whole run; other ranks only use it."""
+    """Rank 0 holds the lock on --out for the whole run and checks --out under it; other
+    ranks only use it. Nothing in --out changes here (see `_start_fresh`)."""
     from ..training.checkpoints import checkpoint_root, has_checkpoint
-    from ..utils.io import OutputLocked, output_lock
 
     out = Path(args.out)
     if not is_main:
         yield out
         return
-    inputs = {"--model": args.model, "--data": args.data, "--teacher": args.teacher}
-    if args.resume:
-        prepare_out_dir(out, True, inputs)
-        if not has_checkpoint(out):
+    data = None if args.data == WIKIPEDIA else args.data
+    inputs = {"--model": args.model, "--data": data, "--teacher": args.teacher}
+    with owned_output(out, args.force or args.resume, inputs):
+        if args.resume and not has_checkpoint(out):
             raise UserError(f"--resume: no checkpoint in {checkpoint_root(out)}")
-    else:
-        prepare_out_dir(out, args.force, inputs)
-    try:
-        with output_lock(out):
-            if not args.resume and args.force:
-                # A fresh run must never resume from (or be confused with) an older run's state.
-                shutil.rmtree(checkpoint_root(out), ignore_errors=True)
-            out.mkdir(parents=True, exist_ok=True)
-            yield out
-    except OutputLocked as e:
-        raise UserError(str(e)) from None
+        yield out
+
+
+def _start_fresh(out: Path) -> None:
+    """--force, once the model and data are loaded and checked: a fresh run must never
+    resume from, or leave behind, an older run's checkpoints and adapter files."""
+    from ..adapters.config import ADAPTER_CONFIG_NAME, LEGACY_CONFIG_NAME
+    from ..training.checkpoints import checkpoint_root
+
+    shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+    for name in (ADAPTER_CONFIG_NAME, LEGACY_CONFIG_NAME, "adapter_model.safetensors"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _enable_checkpointing(model: Any) -> None:
@@ -112,6 +113,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     device = engine.device
+    if engine.world_size > 1 and args.device != "auto" and engine.is_main:
+        log.warning("--device %s is ignored under a launcher: each process uses the device "
+                    "accelerate assigns it (%s on rank 0)", args.device, device)  # fmt: skip
     if not engine.is_main:
         args.quiet = True  # logs and progress bars on rank 0 only
         logging.getLogger("spp_kernels").setLevel(logging.WARNING)
@@ -129,6 +133,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                     f"--teacher {args.teacher}: vocabulary {teacher.config.vocab_size} differs "
                     f"from the model's {model.config.vocab_size}"
                 )
+        if engine.is_main:  # everything is checked: now --out may change
+            if args.force and not args.resume:
+                _start_fresh(out)
+            out.mkdir(exist_ok=True)
         torch.manual_seed(args.seed)
         spp = get_spp_model(model, spp_config)
         count = spp.trainable_parameters()
@@ -152,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             result = train(
                 wrapped, examples, config, out, teacher=teacher, resume=args.resume,
-                pad_id=_pad_id(tokenizer), fingerprint=fingerprint, progress=not args.quiet,
+                pad_id=pad_id(tokenizer), fingerprint=fingerprint, progress=not args.quiet,
                 engine=engine,
             )  # fmt: skip
         except CheckpointError as e:
@@ -161,10 +169,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(str(e)) from None
         spp.save_pretrained(out)  # gathers FSDP2 shards on every rank; rank 0 writes
         # No rank may exit before rank 0 has written: a launcher stops the other processes
-        # as soon as one exits with a non-zero status (a stopped run exits 128 + signal).
+        # as soon as one exits with a non-zero status (a signalled run exits 128 + signal).
         engine.barrier()
     if not engine.is_main:
-        return 0 if not result.interrupted else 128 + (result.stop_signal or 2)
+        return exit_status(result)
     info = {
         "steps": result.step,
         "total_steps": result.total_steps,
@@ -192,14 +200,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         rows.append(["stopped early", "resume with --resume"])
     emit(args, info, format_table(rows, ["train", "value"]))
-    if not result.interrupted:
-        return 0
-    import signal
-
-    return 128 + (result.stop_signal or signal.SIGINT)
+    return exit_status(result)
 
 
-WIKIPEDIA = "wikipedia"
+def exit_status(result: Any) -> int:
+    """128 + the signal that stopped the run (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1); 0 when
+    it finished or stopped where --stop-after asked (the JSON's "interrupted" says so)."""
+    return 128 + result.stop_signal if result.stop_signal else 0
 
 
 def load_training_data(args: argparse.Namespace, tokenizer: Any) -> tuple[list[Any], str | None]:
@@ -209,14 +216,9 @@ def load_training_data(args: argparse.Namespace, tokenizer: Any) -> tuple[list[A
     from ..training.data import Example, load_dataset
 
     if args.data == WIKIPEDIA:
-        from ..datasets import CORPUS_ID, DatasetUnavailable, wikipedia_windows
+        from ..datasets import CORPUS_ID
 
-        if tokenizer is None:
-            raise UserError("--data wikipedia needs a model directory with a tokenizer")
-        try:
-            windows = wikipedia_windows(tokenizer, "train", args.max_len)
-        except DatasetUnavailable as e:
-            raise UserError(str(e)) from None
+        windows = wikipedia("--data", tokenizer, "train", seqlen=args.max_len)
         examples = [Example(tuple(row), tuple(row)) for row in windows.tolist()]
         return examples, f"{CORPUS_ID}:train:{args.max_len}"
     examples = load_dataset(
@@ -231,7 +233,8 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0."""
     if tokenizer is None:
         return 0
     for attr in ("pad_token_id", "eos_token_id"):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..utils.hf import input_device, max_positions
+from ..utils.hf import find_decoder_layers, input_device, max_positions  # noqa: F401 (0.1's home)
 
 
 def linear_targets(block: nn.Module) -> dict[str, nn.Linear]:

@@ -16,9 +16,9 @@ Nothing is pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..utils.io import atomic_save_safetensors, atomic_write_text
+from ..utils.io import atomic_save_safetensors, atomic_write_text, file_sha256
 
 log = logging.getLogger("spp_kernels.train")
 
@@ -41,14 +41,6 @@ class CheckpointError(ValueError):
 
 def checkpoint_root(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / "checkpoints"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -76,10 +68,13 @@ def save_checkpoint(
     }
     atomic_save_safetensors(moments, directory / "optimizer.safetensors", meta)
     full = dict(state, format=CHECKPOINT_FORMAT, param_groups=optim.get("param_groups", []))
+    # Strict JSON: a skipped non-finite step's loss is stored as null (read back as NaN).
+    full["losses"] = [x if math.isfinite(x) else None for x in state.get("losses", [])]
     full["sha256"] = {
-        name: _sha256(directory / name) for name in ("adapter.safetensors", "optimizer.safetensors")
+        name: file_sha256(directory / name)
+        for name in ("adapter.safetensors", "optimizer.safetensors")
     }
-    atomic_write_text(directory / "trainer_state.json", json.dumps(full, indent=2))
+    atomic_write_text(directory / "trainer_state.json", json.dumps(full, indent=2, allow_nan=False))
     atomic_write_text(root / "latest.json", json.dumps({"step": step, "dir": directory.name}))
     for old in step_dirs(out_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
@@ -132,9 +127,14 @@ def read_checkpoint(
         raise ValueError(f"{state_path}: unreadable ({e})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise ValueError(f"{state_path}: not a trainer state")
-    for name, digest in (state.get("sha256") or {}).items():
+    if state.get("format") != CHECKPOINT_FORMAT or not isinstance(state.get("sha256"), dict):
+        raise ValueError(
+            f"{state_path}: checkpoint format {state.get('format')!r}, expected "
+            f"{CHECKPOINT_FORMAT} with the files' sha256"
+        )
+    for name, digest in state["sha256"].items():
         path = directory / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or file_sha256(path) != digest:
             raise ValueError(
                 f"{path}: missing or corrupt (its sha256 differs from the checkpoint's)"
             )
@@ -147,6 +147,7 @@ def read_checkpoint(
             raise ValueError(
                 f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
             ) from None
+    state["losses"] = [math.nan if x is None else float(x) for x in state.get("losses", [])]
     optim: dict[str, Any] = {"state": {}, "param_groups": state.get("param_groups", [])}
     for key, value in tensors["optimizer.safetensors"].items():
         name, _, slot = key.rpartition("::")
@@ -155,11 +156,13 @@ def read_checkpoint(
 
 
 def load_latest(
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike, tidy: bool = True
 ) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(directory, state, params, optimizer) of the newest usable checkpoint: the one
     latest.json names first, then the others newest first; each bad one is skipped with a
-    warning naming the file. CheckpointError when none is usable."""
+    warning naming the file, and (tidy: the writing process) renamed to "<dir>.unusable" when
+    newer than the one used, so that retention never deletes the good one and keeps a bad
+    one. CheckpointError when none is usable."""
     candidates = step_dirs(out_dir)
     pointer = _pointer(out_dir)
     if pointer is not None and pointer in candidates:
@@ -175,6 +178,12 @@ def load_latest(
             log.warning("checkpoint %s is not usable: %s; trying an older one", directory.name, e)
             problems.append(str(e))
             continue
+        for newer in candidates[: candidates.index(directory)] if tidy else []:
+            if newer.name > directory.name:  # retention must not keep it over the good one
+                aside = newer.with_name(newer.name + ".unusable")
+                shutil.rmtree(aside, ignore_errors=True)
+                newer.rename(aside)
+                log.warning("renamed the unusable checkpoint %s to %s", newer.name, aside.name)
         return directory, state, params, optim
     raise CheckpointError(f"no usable checkpoint in {checkpoint_root(out_dir)}: {problems[0]}")
 

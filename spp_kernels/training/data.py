@@ -17,7 +17,6 @@ so a resumed run sees exactly the data an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..utils.io import file_sha256
 from ..utils.seeding import derive_seed
 
 IGNORE_INDEX = -100
@@ -64,11 +64,7 @@ def alpaca_prompt(record: dict[str, Any]) -> str:
 
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes: identifies the data a checkpoint was trained on."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _check_record(record: Any, where: str) -> dict[str, Any]:

@@ -51,7 +51,6 @@ from .checkpoints import (
     CheckpointError,
     checkpoint_root,
     fingerprint_diff,
-    has_checkpoint,
     load_latest,
     save_checkpoint,
 )
@@ -271,7 +270,7 @@ def train(
     fp = json.loads(json.dumps(_fingerprint(config, examples, fingerprint or {}, world)))
     result = TrainResult(step=0, total_steps=total)
     if resume:
-        ckpt, saved, saved_params, saved_optim = load_latest(out_dir)
+        ckpt, saved, saved_params, saved_optim = load_latest(out_dir, tidy=engine.is_main)
         _check_resumable(saved.get("fingerprint", {}), fp, ckpt)
         engine.load_full_states(model, optimizer, saved_params, saved_optim)
         result.step = int(saved["step"])
@@ -401,8 +400,3 @@ def train(
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
-
-
-def checkpoint_exists(out_dir: str | os.PathLike) -> bool:
-    """Whether out_dir holds any checkpoint directory (usable or not)."""
-    return has_checkpoint(out_dir)

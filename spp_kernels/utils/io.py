@@ -80,6 +80,17 @@ def _atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -
     return Path(path)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically; returns `path` as a Path."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -210,12 +221,18 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
     pid. The kernel releases the lock on every exit, signals and crashes included.
     """
     import fcntl
+    import stat
 
     dest = Path(out)
     parent = dest.parent if str(dest.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output lock: directory {parent} does not exist")
     lock_path = parent / f".{dest.name}.spp-lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    # O_NOFOLLOW: a planted symlink must not make us truncate the file it points to.
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~_umask())
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputLocked(f"{lock_path} is not a regular file; remove it")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

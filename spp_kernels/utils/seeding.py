@@ -1,5 +1,5 @@
-"""One rule for deriving the seed of a sub-stream (an epoch, a micro-batch, a batch of
-prompts) from a run's seed, so that every such stream depends only on its position."""
+"""One rule for deriving the seed of a sub-stream (an epoch, a micro-batch on one process)
+from a run's seed, so that every such stream depends only on its position."""
 
 from __future__ import annotations
 

@@ -491,7 +491,7 @@ def test_non_finite_adapters_are_refused_before_writing(tmp_path):
     with torch.no_grad():
         spp.spp_layers()["model.layers.1.mlp.up_proj"].beta[:3] = float("nan")
     with pytest.raises(
-        ValueError, match=r"3 non-finite values in model\.layers\.1\.mlp\.up_proj\.beta"
+        ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.beta .*holds 3 non-finite values"
     ):
         spp.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()

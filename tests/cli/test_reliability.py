@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spp_kernels.cli import main
-from spp_kernels.utils.io import output_lock
 from tests.helpers import assert_user_error, cli_json, cli_run, make_cli_models
 
 
@@ -119,6 +118,8 @@ def test_1_10_export_onto_a_symlink_is_refused(models, tmp_path, capsys):
 
 
 def test_2_a_second_writer_fails_at_once_naming_the_holder(models, tmp_path, capsys):
+    from spp_kernels.utils.io import output_lock
+
     out = tmp_path / "run"
     with output_lock(out):
         line = assert_user_error(capsys, f"pid {os.getpid()}", "train", "--model",
@@ -170,7 +171,7 @@ def test_3_sigterm_and_sigusr1_checkpoint_then_exit_128_plus_signal(models, tmp_
                       "--max-len", "16", "--spp-r", "2", "--batch-size", "1", "--max-steps",
                       "100000", "--save-every", "1", "--out", out, "--json", "--quiet",
                       "--resume", "--stop-after", info["steps"] + 2)  # fmt: skip
-        assert resumed.returncode == 130, resumed.stderr
+        assert resumed.returncode == 0, resumed.stderr  # --stop-after: a requested stop
         assert json.loads(resumed.stdout)["steps"] == info["steps"] + 2
 
 
@@ -180,8 +181,7 @@ def test_3_sigterm_and_sigusr1_checkpoint_then_exit_128_plus_signal(models, tmp_
 def test_4_backend_change_does_not_block_resume(models, tmp_path, capsys):
     common = ["train", "--model", models / "pruned", "--data", models / "text.txt",
               "--max-len", "32", "--spp-r", "2", "--max-steps", "3", "--out", tmp_path / "run"]  # fmt: skip
-    code, _, err = cli_run(capsys, *common, "--backend", "torch", "--stop-after", "1", "--quiet")
-    assert code == 130, err
+    assert cli_json(capsys, *common, "--backend", "torch", "--stop-after", "1")["steps"] == 1
     assert cli_json(capsys, *common, "--backend", "auto", "--resume")["steps"] == 3
     line = assert_user_error(capsys, "spp_config.r: 2 -> 3", *common[:-8], "--max-len", "32",
                              "--spp-r", "3", "--max-steps", "3", "--out", tmp_path / "run",
