@@ -37,7 +37,15 @@ from typing import Any
 
 import torch
 
-from .models import default_model_file, embedded_model_file, resolve_device, sparsity_of, zero_masks
+from .models import (
+    EMBEDDED,
+    default_model_file,
+    embedded_model_file,
+    load_model,
+    resolve_device,
+    sparsity_of,
+    zero_masks,
+)
 from .output import UserError, emit, format_table
 from .train import pad_id
 
@@ -86,14 +94,11 @@ QUICK = DemoSizes(calib_windows=8, calib_seqlen=64, train_steps=8, batch_size=2,
 
 
 def load_default_model(device: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded offline."""
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded offline (from its
+    converted copy in the cache after the first call, see `models.embedded_model_dir`)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = default_model_file()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    return model.to(device).eval(), tokenizer
+    default_model_file()  # DemoUnavailable when the demo extra is missing
+    return load_model(EMBEDDED, dtype=dtype, device=device)
 
 
 def demo_data(tokenizer: Any, sizes: DemoSizes, cache_dir: str | None) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,72 @@ def embedded_model_file() -> Path:
         raise UserError(str(e)) from None
 
 
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize `gguf` (float32) into the Hugging Face directory `out`."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..utils.io import atomic_save_safetensors, atomic_write_text
+
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True, "trust_remote_code": False}
+    AutoTokenizer.from_pretrained(gguf.parent, **kwargs).save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    # transformers refuses save_pretrained on a GGUF-loaded model, although its weights are
+    # plain float32 by now: write them and the config directly (a tied LM head is omitted,
+    # from_pretrained ties it again).
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    atomic_save_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    model.generation_config.save_pretrained(out)
+
+
+def embedded_model_dir() -> Path | None:
+    """The embedded GGUF converted once into a Hugging Face directory (float32 safetensors +
+    tokenizer) under `cache_root()`, keyed by the GGUF's SHA-256; None when the cache cannot
+    be written (the caller then reads the GGUF itself).
+
+    Reading the GGUF takes about 30 s on 2 CPU cores (its 49k-entry vocabulary is parsed
+    field by field, once for the config, the tokenizer and the weights); the converted
+    directory loads in about 2 s. The directory appears complete or not at all (written
+    beside it, then renamed in; a concurrent writer's copy is kept and ours dropped), so a
+    crash never leaves a half-written cache behind.
+    """
+    from ..utils.io import apply_umask, cache_root, file_sha256
+
+    gguf = embedded_model_file()
+    key = file_sha256(gguf)[:16]
+    dest = cache_root() / f"smollm2-135m-instruct-{key}"
+    if (dest / "config.json").is_file():
+        return dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=dest.parent))
+        apply_umask(tmp, directory=True)
+    except OSError as e:
+        log.warning("cannot cache the converted embedded model in %s (%s)", dest.parent, e)
+        return None
+    try:
+        log.info("converting %s once into %s", gguf.name, dest)
+        _convert_gguf(gguf, tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished first: its copy is as good as ours
+            if not (dest / "config.json").is_file():
+                raise
+    except OSError as e:
+        log.warning("cannot cache the converted embedded model in %s (%s)", dest, e)
+        return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def _refuse_custom_code(directory: Path, label: Path) -> None:
     """One line, before transformers is asked anything, for a model needing its own code."""
     import json
@@ -109,7 +177,7 @@ def load_model(
 
     p = Path(path)
     if str(path) == EMBEDDED:
-        p = embedded_model_file()
+        p = embedded_model_dir() or embedded_model_file()
     if not p.exists():
         raise UserError(f"model {p} not found")
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}

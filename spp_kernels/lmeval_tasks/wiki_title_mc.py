@@ -1,7 +1,7 @@
 """The data hook of wiki_title_mc.yaml (lm-eval imports this file by path).
 
 load() writes the task's docs (spp_kernels.datasets.wiki_title_mc_docs) once as JSON Lines
-under $SPP_CACHE_DIR (default ~/.cache/spp-kernels) and loads them with the `json`
+under spp_kernels.utils.io.cache_root() ($SPP_CACHE_DIR, default ~/.cache/spp-kernels) and loads them with the `json`
 builder of Hugging Face datasets, offline.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 def data_file() -> Path:
     """The task's JSON Lines file (written on first use)."""
     from spp_kernels.datasets import CORPUS_ID, TASK_SEED, wiki_title_mc_docs
-    from spp_kernels.utils.io import atomic_write_text
+    from spp_kernels.utils.io import atomic_write_text, cache_root
 
-    root = Path(os.environ.get("SPP_CACHE_DIR") or Path.home() / ".cache" / "spp-kernels")
+    root = cache_root()
     path = root / f"wiki_title_mc-{CORPUS_ID}-seed{TASK_SEED}.jsonl"
     if not path.is_file():
         root.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,14 @@ def _atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -
     return Path(path)
 
 
+def cache_root() -> Path:
+    """Where spp-kernels keeps derived files (the converted embedded model, lm-eval task
+    data): $SPP_CACHE_DIR, else $XDG_CACHE_HOME/spp-kernels, else ~/.cache/spp-kernels."""
+    if os.environ.get("SPP_CACHE_DIR"):
+        return Path(os.environ["SPP_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spp-kernels"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     import hashlib
