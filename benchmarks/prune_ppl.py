@@ -12,6 +12,7 @@ default) and per row. Writes benchmarks/results/prune-ppl-<device>-<date>.{json,
 
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 from benchmarks.common import metadata, result_stem, write_json_atomic
 
 CALIB_WINDOWS, CALIB_SEQLEN = 128, 128
-EVAL_TOKENS, EVAL_SEQLEN = 16384, 512
+EVAL_TOKENS, EVAL_SEQLEN = 8192, 512
 CASES = [  # (method, sparsity, SparseGPT mask)
     ("magnitude", "0.5", "block"), ("wanda", "0.5", "block"), ("sparsegpt", "0.5", "block"),
     ("sparsegpt", "0.5", "row"), ("magnitude", "2:4", "block"), ("wanda", "2:4", "block"),
@@ -36,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     from spp_kernels.evaluate import perplexity
     from spp_kernels.pruning import prune
 
-    torch.set_num_threads(2)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.prune_ppl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     model, tokenizer = load_default_model("cpu", torch.float32)
     calib = wikipedia_windows(tokenizer, "calibration", CALIB_SEQLEN, CALIB_WINDOWS)
     heldout = wikipedia_tokens(tokenizer, "heldout", EVAL_TOKENS)
@@ -57,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                      "ppl": perplexity(pruned, heldout, seqlen=EVAL_SEQLEN, progress=False),
                      "report_sparsity": report.sparsity, "seconds": took})  # fmt: skip
         print(rows[-1], flush=True)
-    out = Path(argv[0] if argv else Path(__file__).resolve().parent / "results")
+        write_json_atomic(Path(args.out) / f"prune-ppl-{result_stem(meta)}.json",
+                          {"meta": meta, "rows": rows})  # partial results  # fmt: skip
+    out = Path(args.out)
     stem = f"prune-ppl-{result_stem(meta)}"
     write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
     lines = [f"{meta['model']}, {meta['device']}, {meta['date']}; calibration "

@@ -57,8 +57,9 @@ def sizes(quick: bool) -> dict[str, int]:
     if quick:
         return dict(calib=4, calib_seqlen=32, train_windows=8, seqlen=32, steps=2, batch=2,
                     heldout_tokens=256, ppl_seqlen=64, mc_docs=4)  # fmt: skip
-    return dict(calib=64, calib_seqlen=128, train_windows=80, seqlen=128, steps=40, batch=2,
-                heldout_tokens=8192, ppl_seqlen=512, mc_docs=100)  # fmt: skip
+    # Sized to run in about an hour on one CPU thread (prune_ppl ran on the other core).
+    return dict(calib=32, calib_seqlen=128, train_windows=48, seqlen=128, steps=24, batch=2,
+                heldout_tokens=4096, ppl_seqlen=512, mc_docs=60)  # fmt: skip
 
 
 # ---------------------------------------------------------------- models and data
