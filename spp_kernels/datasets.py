@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,9 @@ def wikipedia_tokens(
         key = hashlib.sha256(f"{vocab}|{split}|{max_tokens}".encode()).hexdigest()[:16]
         cache_path = Path(cache_dir) / f"{CORPUS_ID}-{split}-{key}.safetensors"
         if cache_path.is_file():
-            from safetensors.torch import load_file
-
-            return load_file(str(cache_path))["ids"]
+            cached = _read_cached_ids(cache_path)
+            if cached is not None:
+                return cached
     text = "\n\n".join(texts)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
     if max_tokens is not None:
@@ -131,6 +132,25 @@ def wikipedia_tokens(
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors({"ids": ids}, cache_path)
     return ids
+
+
+def _read_cached_ids(path: Path) -> torch.Tensor | None:
+    """The token ids cached in `path`, or None (with a warning naming the file) when it is
+    unreadable: a cache entry is rebuilt, never trusted half-written."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        ids = load_file(str(path))["ids"]
+        if ids.dtype != torch.int64 or ids.dim() != 1:
+            raise ValueError(f"'ids' is {ids.dtype} {tuple(ids.shape)}, expected 1-D int64")
+        return ids
+    except (OSError, SafetensorError, KeyError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        logging.getLogger(__name__).warning(
+            "%s: unreadable cached token ids (%s); tokenizing again", path, reason
+        )
+        return None
 
 
 def wikipedia_windows(

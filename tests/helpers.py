@@ -140,9 +140,10 @@ def assert_user_error(capsys, pattern, *argv):
     return lines[0]
 
 
-def make_cli_models(root):
+def make_cli_models(root, adapter: bool = False):
     """root/dense (tiny LLaMA + tokenizer), root/pruned (2:4 magnitude), data files
-    root/alpaca.jsonl and root/text.txt; returns root."""
+    root/alpaca.jsonl and root/text.txt, and with `adapter` root/adapter (2 steps of
+    `spp train`, r = 4, on root/text.txt); returns root."""
     from spp_kernels.cli import main
 
     dense = root / "dense"
@@ -152,4 +153,8 @@ def make_cli_models(root):
     (root / "text.txt").write_text(CLI_TEXT)
     assert main(["prune", "--model", str(dense), "--method", "magnitude", "--sparsity", "2:4",
                  "--out", str(root / "pruned"), "--quiet"]) == 0  # fmt: skip
+    if adapter:
+        assert main(["train", "--model", str(root / "pruned"), "--data", str(root / "text.txt"),
+                     "--out", str(root / "adapter"), "--max-steps", "2", "--spp-r", "4",
+                     "--max-len", "32", "--quiet"]) == 0  # fmt: skip
     return root

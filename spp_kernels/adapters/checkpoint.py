@@ -102,6 +102,43 @@ def write_peft_adapter(
     return directory
 
 
+def read_adapter_config(directory: str | os.PathLike) -> SPPConfig:
+    """The SPPConfig saved in `directory` (peft's layout), checked: ValueError naming the file
+    and the problem (not a directory, no or garbage adapter_config.json, no peft_type,
+    another peft method, no adapter_model.safetensors). A file's patterns and
+    allow_other_base are never used (see SPPConfig)."""
+    directory = Path(directory)
+    path = directory / ADAPTER_CONFIG_NAME
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: not a directory")
+    if not path.is_file():
+        raise ValueError(f"{directory}: no {ADAPTER_CONFIG_NAME} (not a peft adapter directory)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+        raise ValueError(f"{path}: not valid JSON ({reason})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    peft_type = data.get("peft_type")
+    if peft_type is None:
+        raise ValueError(f"{path}: no peft_type (not a peft adapter config)")
+    if peft_type != "SPP":
+        raise ValueError(
+            f"{path}: a {peft_type} adapter, not SPP; spp merges and evaluates SPP adapters only "
+            "(use peft's own merge_and_unload for other methods)"
+        )
+    weights = directory / ADAPTER_WEIGHTS_NAME
+    if not weights.is_file():
+        other = [p.name for p in directory.glob("adapter_model.*")]
+        hint = f" (found {other[0]}: only safetensors files are read)" if other else ""
+        raise ValueError(f"{directory}: no {ADAPTER_WEIGHTS_NAME}{hint}")
+    try:
+        return SPPConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
+
+
 def _is_writer() -> bool:
     import torch.distributed as dist
 

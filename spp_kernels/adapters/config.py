@@ -9,17 +9,27 @@ and read back by `PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and tra
 so a bad value fails when the config is made, before any model changes.
 
 Set by the tuner when it wraps a model (and saved with the adapter): `wrapped_modules`, the
-explicit sorted list of wrapped module names (loading uses it as `target_modules`, so a
-pattern is never compiled from a file), and `base_fingerprint`, each wrapped weight's shape
-and a hash of its zero mask (a load onto another base is an error unless
-`allow_other_base`).
+explicit sorted list of wrapped module names, and `base_fingerprint`, each wrapped weight's
+shape, a hash of its zero mask and a hash of sampled rows of its values (a load onto
+another base, or onto a base the adapter was already merged into, is an error unless the
+user passes `allow_other_base`).
+
+Read from a file (an `adapter_config.json`: `peft_type` arrives as the plain string "SPP"),
+a config never yields a pattern: with `wrapped_modules` the module list is used as
+`target_modules` and the other matching fields (`exclude_modules`, `layers_to_transform`,
+`layers_pattern`) are dropped (they were applied when the adapter was made); without it, a
+regex in `target_modules` or `exclude_modules`, or any `layers_pattern` (peft compiles it
+into a regex) is refused. `allow_other_base` is the loading user's choice: it is never
+written to a file and is ignored (with a warning) when a file holds it.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +47,11 @@ ADAPTER_DTYPES = ("float32", "float16", "bfloat16", "float64")
 WEIGHT_FORMATS = ("dense", "nm", "auto")
 INITS = ("paper", "both_random", "alpha_zero")
 ALL_LINEAR = "all-linear"
+# |scale| beyond this is an error: merged weights W * (1 + scale * alpha * beta) overflow long
+# before (the paper uses 2).
+MAX_ABS_SCALE = 1e4
+# Matching fields a saved adapter has already applied (its wrapped_modules list says what).
+APPLIED_FIELDS = ("exclude_modules", "layers_to_transform", "layers_pattern")
 
 
 def _default_targets() -> list[str]:
@@ -89,23 +104,36 @@ class SPPConfig(PeftConfig):
     base_fingerprint: dict[str, str] | None = field(default=None, metadata=_help(
         "Set by the tuner: per wrapped layer 'm x n' and a hash of its zero mask."))  # fmt: skip
     allow_other_base: bool = field(default=False, metadata=_help(
-        "Allow loading onto a base whose frozen weights differ from the fingerprint."))  # fmt: skip
+        "Allow loading onto a base whose frozen weights differ from the fingerprint (the "
+        "loading user's choice: never written to or read from a file)."))  # fmt: skip
 
     def __post_init__(self) -> None:
+        # peft's loaders pass the file's "peft_type" on; Python code passes none (or the member).
+        from_file = type(self.peft_type) is str
         super().__post_init__()
-        # Always overwrite: read back from JSON the type arrives as the plain string "SPP".
         self.peft_type = SPP_PEFT_TYPE
         if isinstance(self.adapter_dtype, torch.dtype):
             self.adapter_dtype = str(self.adapter_dtype).removeprefix("torch.")
+        if from_file and self.allow_other_base:
+            warnings.warn(
+                "SPPConfig: ignored allow_other_base from the adapter file: it is the loading "
+                "user's choice (set it on the config, or pass --allow-other-base)",
+                stacklevel=2,
+            )
+            self.allow_other_base = False
         if self.wrapped_modules is not None:
             if not isinstance(self.wrapped_modules, (list, tuple, set)) or not all(
                 isinstance(n, str) and n for n in self.wrapped_modules
             ):
                 raise ValueError("SPPConfig: wrapped_modules must be a list of module names")
-            # A saved adapter names exactly what it wrapped: match those names, never a
-            # pattern read from a file.
+            # A saved adapter names exactly what it wrapped: match those names; the fields
+            # that selected them were applied when it was made.
             self.wrapped_modules = sorted(set(self.wrapped_modules))
             self.target_modules = list(self.wrapped_modules)
+            for name in APPLIED_FIELDS:
+                setattr(self, name, None)
+        elif from_file:
+            _refuse_file_patterns(self)
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
         self._validate()
@@ -115,8 +143,11 @@ class SPPConfig(PeftConfig):
             raise ValueError(f"SPPConfig: r must be a positive int, got {self.r!r}")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
             raise ValueError(f"SPPConfig: scale must be a number, got {self.scale!r}")
-        if not torch.isfinite(torch.tensor(float(self.scale))):
-            raise ValueError(f"SPPConfig: scale must be finite, got {self.scale!r}")
+        if not math.isfinite(self.scale) or abs(self.scale) > MAX_ABS_SCALE:
+            raise ValueError(
+                f"SPPConfig: scale must be a finite number with |scale| <= {MAX_ABS_SCALE:g}, "
+                f"got {self.scale!r}"
+            )
         if (
             isinstance(self.dropout, bool)
             or not isinstance(self.dropout, (int, float))
@@ -164,6 +195,12 @@ class SPPConfig(PeftConfig):
 
     # ---- JSON (peft's to_dict keeps the enum member; these give plain JSON) ------------
 
+    def to_dict(self) -> dict[str, Any]:
+        """peft's dict (what save_pretrained writes), without `allow_other_base`."""
+        out = super().to_dict()
+        out.pop("allow_other_base", None)
+        return out
+
     def to_json(self) -> str:
         return json.dumps(_jsonable(self.to_dict()), indent=2, sort_keys=True) + "\n"
 
@@ -181,26 +218,6 @@ class SPPConfig(PeftConfig):
     def from_json(cls, text: str) -> SPPConfig:
         return cls.from_dict(json.loads(text))
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
-                        **kwargs: Any) -> SPPConfig:  # fmt: skip
-        """peft's from_pretrained, refusing a saved regex: an adapter file names the modules it
-        wrapped (`wrapped_modules`); a pattern is only compiled from the user's own config
-        (a hostile pattern can backtrack for minutes)."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
-        if (
-            isinstance(config, SPPConfig)
-            and config.wrapped_modules is None
-            and isinstance(config.target_modules, str)
-            and config.target_modules != ALL_LINEAR
-        ):
-            raise ValueError(
-                f"{pretrained_model_name_or_path}: the adapter config has a target_modules "
-                "pattern and no wrapped_modules list; patterns are not read from files: pass "
-                "SPPConfig(target_modules=...) yourself or re-save the adapter"
-            )
-        return config
-
     def matches(self, name: str) -> bool:
         """Whether the module called `name` is targeted (peft's rule; module type is checked
         when wrapping)."""
@@ -209,6 +226,26 @@ class SPPConfig(PeftConfig):
         if self.target_modules == ALL_LINEAR:
             return True
         return bool(check_target_module_exists(self, name))
+
+
+def _refuse_file_patterns(config: SPPConfig) -> None:
+    """ValueError for a pattern read from a file without the module list that replaces it."""
+    patterns = {
+        "target_modules": config.target_modules
+        if isinstance(config.target_modules, str) and config.target_modules != ALL_LINEAR
+        else None,
+        "exclude_modules": config.exclude_modules
+        if isinstance(config.exclude_modules, str)
+        else None,
+        "layers_pattern": config.layers_pattern,
+    }
+    for name, value in patterns.items():
+        if value:
+            raise ValueError(
+                f"adapter config: {name}={value!r} is a pattern and the file has no "
+                "wrapped_modules list; patterns are never read from files: pass "
+                "SPPConfig(...) yourself or re-save the adapter with spp-kernels"
+            )
 
 
 def _jsonable(value: Any) -> Any:

@@ -59,7 +59,7 @@ class SPPLinear(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("spp_alpha", "spp_beta")
-    other_param_names = ("spp_r", "spp_scale", "spp_dropout")
+    other_param_names = ("spp_r", "spp_scale", "spp_dropout", "spp_init")
 
     def __init__(
         self,
@@ -83,6 +83,10 @@ class SPPLinear(nn.Module, BaseTunerLayer):
         self.spp_r: dict[str, int] = {}
         self.spp_scale: dict[str, float] = {}
         self.spp_dropout: dict[str, float] = {}
+        self.spp_init: dict[str, str] = {}
+        # Adapters made on the meta device: initialised once materialised (to_empty), at the
+        # first forward or by reset_parameters(), unless a state dict loads them first.
+        self._uninitialised: set[str] = set()
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.backend = config.backend
         self._disable_adapters = False
@@ -111,6 +115,7 @@ class SPPLinear(nn.Module, BaseTunerLayer):
         self.spp_r[adapter_name] = config.r
         self.spp_scale[adapter_name] = float(config.scale)
         self.spp_dropout[adapter_name] = float(config.dropout)
+        self.spp_init[adapter_name] = config.init
         self.backend = config.backend
         self.reset_adapter(config.init, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -119,11 +124,27 @@ class SPPLinear(nn.Module, BaseTunerLayer):
         # Every load path (peft's set_peft_model_state_dict, transformers' load_adapter,
         # load_state_dict) ends here: an integer alpha/beta would be cast silently.
         for key, value in state_dict.items():
-            if key.startswith(prefix + "spp_") and not value.is_floating_point():
+            if not key.startswith(prefix + "spp_"):
+                continue
+            if not value.is_floating_point():
                 raise ValueError(
                     f"adapter tensor {key} has dtype {value.dtype}; SPP adapters are floating point"
                 )
+            part, _, name = key[len(prefix) :].partition(".")
+            params = {"spp_alpha": self.spp_alpha, "spp_beta": self.spp_beta}.get(part, {})
+            if name in params and tuple(value.shape) != tuple(params[name].shape):
+                raise ValueError(
+                    f"adapter tensor {key} has shape {tuple(value.shape)}; this layer "
+                    f"(out_features={self.out_features}, in_features={self.in_features}, "
+                    f"r={self.spp_r[name]}) needs {tuple(params[name].shape)}"
+                )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name in list(self._uninitialised):
+            if (
+                f"{prefix}spp_alpha.{name}" in state_dict
+                and f"{prefix}spp_beta.{name}" in state_dict
+            ):
+                self._uninitialised.discard(name)
 
     @torch.no_grad()
     def reset_adapter(self, init: str = "paper", adapter_name: str | None = None) -> None:
@@ -135,7 +156,9 @@ class SPPLinear(nn.Module, BaseTunerLayer):
         name = adapter_name or self._single_adapter()
         alpha, beta = self.spp_alpha[name], self.spp_beta[name]
         if alpha.device.type == "meta":
+            self._uninitialised.add(name)
             return
+        self._uninitialised.discard(name)
         if init == "alpha_zero":
             alpha.zero_()
         else:
@@ -144,6 +167,18 @@ class SPPLinear(nn.Module, BaseTunerLayer):
             beta.zero_()
         else:
             _uniform_fan_in(beta, self.out_features)
+
+    def reset_parameters(self) -> None:
+        """Initialise every adapter with its own init (torch's convention after `to_empty`:
+        a model built on the meta device is materialised, then reset). The frozen base
+        layer is not touched."""
+        for name in self.spp_alpha:
+            self.reset_adapter(self.spp_init.get(name, "paper"), name)
+
+    def _initialise_materialised(self) -> None:
+        for name in list(self._uninitialised):
+            if self.spp_alpha[name].device.type != "meta":
+                self.reset_adapter(self.spp_init.get(name, "paper"), name)
 
     def _single_adapter(self) -> str:
         active = [a for a in self.active_adapters if a in self.spp_alpha]
@@ -223,6 +258,8 @@ class SPPLinear(nn.Module, BaseTunerLayer):
     # ---- forward ----------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._uninitialised:
+            self._initialise_materialised()
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -31,6 +31,7 @@ from torch import nn
 from .checkpoint import (
     check_adapter_state,
     is_legacy_adapter_dir,
+    read_adapter_config,
     read_legacy_adapter,
     write_peft_adapter,
 )
@@ -266,7 +267,8 @@ class SPPModel(PeftModel):
         else:
             from peft.utils.save_and_load import load_peft_weights, set_peft_model_state_dict
 
-            config = config or SPPConfig.from_pretrained(str(directory), local_files_only=True)
+            saved = read_adapter_config(directory)  # checks the directory's files first
+            config = config or saved
             if not isinstance(config, SPPConfig):
                 raise ValueError(f"{directory} holds a {config.peft_type} adapter, not SPP")
             config.inference_mode = not is_trainable

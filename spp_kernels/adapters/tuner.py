@@ -25,6 +25,7 @@ from torch import nn
 
 from ..ops.dropout import pack_keep_mask
 from ..sparsity.packed import PackedLinear
+from ..utils.hf import check_finite
 from .config import ALL_LINEAR, LLAMA_TARGET_MODULES, SPPConfig
 from .layer import SPPLinear, _packing_pattern, packed_base
 from .registration import PREFIX
@@ -78,28 +79,46 @@ def _frozen_of(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
-def zero_mask_fingerprint(module: nn.Module) -> str | None:
-    """'m x n:<16 hex digits of sha256 of the packed zero mask>' of a (wrapped) linear's
-    frozen weight; None for weights on the meta device."""
+# Rows of each frozen weight whose values enter the fingerprint (evenly spaced): enough to
+# see a merge (it rescales every row with a nonzero beta) at a cost of a few KB per layer.
+FINGERPRINT_ROWS = 8
+
+
+def _frozen_weight(module: nn.Module) -> torch.Tensor:
+    """The unmerged frozen weight W (m, n) of a plain or wrapped linear (dense)."""
+    if isinstance(module, SPPLinear):
+        return module._unmerged_dense()
     base = _frozen_of(module)
-    w = base.dense_weight() if isinstance(base, PackedLinear) else base.weight
+    return base.dense_weight() if isinstance(base, PackedLinear) else base.weight
+
+
+def base_fingerprint(module: nn.Module) -> str | None:
+    """'m x n:<mask hash>:<values hash>' of a (wrapped) linear's frozen weight, or None on the
+    meta device: 16 hex digits of the sha256 of the packed zero mask, then of FINGERPRINT_ROWS
+    evenly spaced rows rounded to bfloat16 (the same digest whether the base was loaded in
+    float32, bfloat16 or float16 from one checkpoint; a merge changes it)."""
+    w = _frozen_weight(module).detach()
     if w.device.type == "meta":
         return None
     m, n = w.shape
-    bits = pack_keep_mask((w.detach() != 0).reshape(m, n)).cpu().numpy().tobytes()
-    return f"{m}x{n}:{hashlib.sha256(bits).hexdigest()[:16]}"
+    bits = pack_keep_mask((w != 0).reshape(m, n)).cpu().numpy().tobytes()
+    rows = torch.linspace(0, m - 1, min(m, FINGERPRINT_ROWS)).round().long().unique()
+    sample = w[rows.to(w.device)].to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes()
+    digest = lambda b: hashlib.sha256(b).hexdigest()[:16]  # noqa: E731
+    return f"{m}x{n}:{digest(bits)}:{digest(sample)}"
 
 
 def check_fingerprint(saved: dict[str, str], targets: dict[str, nn.Module]) -> None:
     """ValueError naming the first wrapped layer (in module order) whose frozen weight
-    differs from `saved`: shapes first, then missing layers, then zero patterns."""
-    now = {name: zero_mask_fingerprint(module) for name, module in targets.items()}
-    shape = lambda fp: fp.split(":")[0]  # noqa: E731
+    differs from `saved`: shapes first, then missing layers, zero patterns, then values (a
+    fingerprint from spp-kernels 0.2 has no values part: only its zero mask is compared)."""
+    now = {name: base_fingerprint(module) for name, module in targets.items()}
+    part = lambda fp, i: (fp.split(":") + [None, None])[i]  # noqa: E731
     for name in targets:
-        if name in saved and now[name] is not None and shape(now[name]) != shape(saved[name]):
+        if name in saved and now[name] is not None and part(now[name], 0) != part(saved[name], 0):
             raise ValueError(
                 f"the adapter was trained on another base: layer {name} has shape "
-                f"{shape(saved[name])} there, {shape(now[name])} here"
+                f"{part(saved[name], 0)} there, {part(now[name], 0)} here"
             )
     missing = [name for name in saved if name not in targets]
     if missing:
@@ -107,13 +126,31 @@ def check_fingerprint(saved: dict[str, str], targets: dict[str, nn.Module]) -> N
             f"the adapter was trained with layer {missing[0]}, which this model lacks "
             f"({len(missing)} such layers)"
         )
+    hint = "; pass allow_other_base (CLI: --allow-other-base) to load it anyway"
     for name in targets:
-        if name in saved and now[name] is not None and now[name] != saved[name]:
+        if name not in saved or now[name] is None:
+            continue
+        if part(now[name], 1) != part(saved[name], 1):
             raise ValueError(
                 f"the adapter was trained on another base: the zero pattern of layer {name} "
-                f"differs (saved {saved[name]}, this model {now[name]}); pass allow_other_base "
-                "(CLI: --allow-other-base) to load it anyway"
+                f"differs (saved {saved[name]}, this model {now[name]}){hint}"
             )
+    for name in targets:
+        values = part(saved.get(name, ""), 2)
+        if values is not None and now[name] is not None and part(now[name], 2) != values:
+            raise ValueError(
+                f"the adapter was trained on another base: the weights of layer {name} differ "
+                "(its zero pattern is the same: was this adapter already merged into this "
+                f"model?){hint}"
+            )
+
+
+def record_fingerprint(config: SPPConfig, targets: dict[str, nn.Module]) -> None:
+    """Set `config.base_fingerprint` from `targets` unless a weight is still on the meta
+    device (then it is recorded when the adapter is saved)."""
+    prints = {name: base_fingerprint(module) for name, module in targets.items()}
+    if prints and all(v is not None for v in prints.values()):
+        config.base_fingerprint = dict(sorted(prints.items()))
 
 
 class SPPTuner(BaseTuner):
@@ -148,9 +185,7 @@ class SPPTuner(BaseTuner):
         )
         config.wrapped_modules = sorted(targets)
         if config.base_fingerprint is None:
-            prints = {name: zero_mask_fingerprint(module) for name, module in targets.items()}
-            if all(v is not None for v in prints.values()):
-                config.base_fingerprint = dict(sorted(prints.items()))
+            record_fingerprint(config, targets)
 
     def _create_and_replace(
         self,
@@ -195,6 +230,43 @@ class SPPTuner(BaseTuner):
             if name in flags and p.requires_grad != flags[name]:
                 p.requires_grad_(flags[name])
 
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: SPPConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """peft's selection of the adapter's tensors for saving (every save path: PeftModel
+        and transformers' save_pretrained, Trainer checkpoints), refused before any adapter
+        file is written when the SPP layers were merged away or hold non-finite values;
+        records the base fingerprint of an adapter made on the meta device."""
+        layers = {
+            name: m
+            for name, m in model.named_modules()
+            if isinstance(m, SPPLinear) and adapter_name in m.spp_alpha
+        }
+        if not layers:
+            raise ValueError(
+                f"save_pretrained: adapter {adapter_name!r} has no SPP layers left "
+                "(merge_and_unload() or unload() removed them), so there is nothing to save; "
+                "the adapter files were not written: save the merged model with its own "
+                "save_pretrained"
+            )
+        out = super()._get_adapter_state_dict(
+            model, config, adapter_name, state_dict, unwanted_adapter_names
+        )
+        for key in sorted(out):
+            value = out[key]
+            full = getattr(value, "full_tensor", None)
+            check_finite(full() if callable(full) else value, key, "save_pretrained",
+                         "; training diverged? the adapter files were not written")  # fmt: skip
+        if config.base_fingerprint is None and isinstance(config, SPPConfig):
+            record_fingerprint(config, {_strip(name): m for name, m in layers.items()})
+        return out
+
     def check_mergeable(self, adapter_names: list[str] | None = None) -> None:
         """ValueError naming the first layer whose merged weight would hold non-finite values
         (and how many): merge_adapter / merge_and_unload check every layer before changing
@@ -228,3 +300,8 @@ class SPPTuner(BaseTuner):
     def spp_layers(self) -> dict[str, SPPLinear]:
         """The SPP layers by full name in the wrapped model, in module order."""
         return {n: m for n, m in self.model.named_modules() if isinstance(m, SPPLinear)}
+
+
+def _strip(name: str) -> str:
+    """A module name of the wrapped model as the tuner records it (no PeftModel prefix)."""
+    return name.removeprefix("base_model.model.")

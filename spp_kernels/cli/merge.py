@@ -24,6 +24,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(f"{e}; nothing was written") from None
         models.check_finite_model(merged, "merge")
+        models.check_probe_output(merged, "merge")
         after = models.zero_masks(merged)
         changed = [n for n in before if not bool((before[n] == after[n]).all())]
         info = {

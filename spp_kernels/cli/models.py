@@ -103,17 +103,23 @@ def embedded_model_dir() -> Path | None:
 
     Reading the GGUF takes about 30 s on 2 CPU cores (its 49k-entry vocabulary is parsed
     field by field, once for the config, the tokenizer and the weights); the converted
-    directory loads in about 2 s. The directory appears complete or not at all (written
-    beside it, then renamed in; a concurrent writer's copy is kept and ours dropped), so a
-    crash never leaves a half-written cache behind.
+    directory loads in about 2 s. The directory is written beside its final name with a
+    manifest of its files' sha256 written last, then renamed in; every use checks it
+    against the manifest (about 0.5 s), and an entry that fails (truncated, edited, no
+    manifest) is moved aside with a warning naming the problem and converted again.
     """
-    from ..utils.io import apply_umask, cache_root, file_sha256
+    from ..utils.io import apply_umask, cache_root, file_sha256, manifest_problem, write_manifest
 
     gguf = embedded_model_file()
-    key = file_sha256(gguf)[:16]
-    dest = cache_root() / f"smollm2-135m-instruct-{key}"
-    if (dest / "config.json").is_file():
-        return dest
+    gguf_sha = file_sha256(gguf)
+    dest = cache_root() / f"smollm2-135m-instruct-{gguf_sha[:16]}"
+    expect = {"gguf_sha256": gguf_sha}
+    if dest.exists():
+        problem = manifest_problem(dest, expect)
+        if problem is None:
+            return dest
+        log.warning("the cached embedded model is not usable (%s): converting it again", problem)
+        _move_aside(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=dest.parent))
@@ -124,10 +130,11 @@ def embedded_model_dir() -> Path | None:
     try:
         log.info("converting %s once into %s", gguf.name, dest)
         _convert_gguf(gguf, tmp)
+        write_manifest(tmp, expect)
         try:
             os.rename(tmp, dest)
         except OSError:  # another process finished first: its copy is as good as ours
-            if not (dest / "config.json").is_file():
+            if manifest_problem(dest, expect) is not None:
                 raise
     except OSError as e:
         log.warning("cannot cache the converted embedded model in %s (%s)", dest, e)
@@ -135,6 +142,17 @@ def embedded_model_dir() -> Path | None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _move_aside(path: Path) -> None:
+    """Rename a bad cache entry out of the way (then delete it): a concurrent reader keeps
+    the files it has open, and a new entry can take the name at once."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.bad-", dir=path.parent))
+    try:
+        os.replace(path, aside)
+    except OSError as e:
+        log.warning("cannot move the bad cache entry %s aside (%s)", path, e)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _refuse_custom_code(directory: Path, label: Path) -> None:
@@ -234,8 +252,8 @@ def sparsity_of(masks: dict[str, Any]) -> float:
 
 def load_adapter(model: Any, adapter: str | os.PathLike, allow_other_base: bool = False) -> Any:
     """Wrap `model` with the SPP adapter in `adapter`, with user-facing errors."""
-    from ..adapters import SPPConfig, SPPModel
-    from ..adapters.checkpoint import is_legacy_adapter_dir
+    from ..adapters import SPPModel
+    from ..adapters.checkpoint import is_legacy_adapter_dir, read_adapter_config
 
     p = Path(adapter)
     if not p.is_dir():
@@ -243,8 +261,8 @@ def load_adapter(model: Any, adapter: str | os.PathLike, allow_other_base: bool 
     try:
         config = None
         if not is_legacy_adapter_dir(p):
-            config = SPPConfig.from_pretrained(str(p), local_files_only=True)
-            config.allow_other_base = allow_other_base or config.allow_other_base
+            config = read_adapter_config(p)
+            config.allow_other_base = allow_other_base
         return SPPModel.from_pretrained(model, p, config=config)
     except Exception as e:  # a garbage file, another base, an int-typed adapter...
         raise UserError(f"--adapter {p}: {first_line(e)}") from None
@@ -304,6 +322,12 @@ def wikipedia(option: str, tokenizer: Any, split: str, seqlen: int | None = None
     model has no tokenizer or the corpus is not installed."""
     from ..datasets import DatasetUnavailable, wikipedia_tokens, wikipedia_windows
 
+    if Path(WIKIPEDIA).exists():
+        log.warning(
+            "%s %s: using the built-in Wikipedia corpus, not the file %r in the current "
+            "directory (pass %s ./%s to use that file)",
+            option, WIKIPEDIA, WIKIPEDIA, option, WIKIPEDIA,
+        )  # fmt: skip
     if tokenizer is None:
         raise UserError(f"{option} {WIKIPEDIA} needs a model with a tokenizer")
     try:
@@ -317,16 +341,19 @@ def wikipedia(option: str, tokenizer: Any, split: str, seqlen: int | None = None
 DEFAULT_SEQLEN = 2048
 
 
-def window_length(model: Any, requested: int | None) -> int:
-    """--seqlen for prune and eval: the requested value, refused when longer than the
-    model's maximum (naming it); None gives min(DEFAULT_SEQLEN, that maximum)."""
+def window_length(
+    model: Any, requested: int | None, default: int = DEFAULT_SEQLEN, option: str = "--seqlen"
+) -> int:
+    """The sequence length of prune/eval (--seqlen) and train (--max-len), one rule: the
+    requested value, refused when longer than the model's maximum (naming it); None gives
+    min(default, that maximum)."""
     from ..utils.hf import max_positions
 
     limit = max_positions(model)
     if requested is None:
-        return DEFAULT_SEQLEN if limit is None else min(DEFAULT_SEQLEN, limit)
+        return default if limit is None else min(default, limit)
     if limit is not None and requested > limit:
-        raise UserError(f"--seqlen {requested} exceeds the model's maximum of {limit} positions")
+        raise UserError(f"{option} {requested} exceeds the model's maximum of {limit} positions")
     return requested
 
 
@@ -350,6 +377,33 @@ def check_finite_model(model: Any, what: str) -> None:
         check_finite_parameters(model, what)
     except ValueError as e:
         raise UserError(str(e).replace("nothing was changed", "nothing was written")) from None
+
+
+PROBE_TOKENS = 16
+
+
+def check_probe_output(model: Any, what: str) -> None:
+    """UserError when the model's logits on one probe batch (token ids 0..15, seeded) are not
+    all finite: merged weights can be finite and still overflow the activations (an absurd
+    adapter scale, a diverged run)."""
+    import torch
+
+    from ..utils.hf import input_device
+
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab <= 0:
+        return
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=generator)
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(input_device(model))).logits
+    bad = int((~torch.isfinite(logits)).sum())
+    if bad:
+        raise UserError(
+            f"{what}: the merged model gives {bad} non-finite logits on a probe batch of "
+            f"{PROBE_TOKENS} tokens (the adapter's scale or values are out of range); "
+            "nothing was written"
+        )
 
 
 def save_model_atomically(model: Any, tokenizer: Any, out: Path, extra: dict[str, str]) -> None:

@@ -101,9 +101,9 @@ def _train_parser(sub) -> None:
         "--batch-size", type=_positive_int, default=4, help="micro-batch size per process (4)"
     )
     p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (1)")
-    p.add_argument(
-        "--max-len", type=_positive_int, default=512, help="max tokens per example (512)"
-    )
+    p.add_argument("--max-len", type=_positive_int, default=None,
+                   help="max tokens per example (512, or the model's maximum if shorter; a "
+                   "longer explicit value is refused)")  # fmt: skip
     p.add_argument("--max-steps", type=_positive_int, default=None, help="cap on optimizer steps")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="warm-up fraction (0.03)")
     p.add_argument("--weight-decay", type=float, default=0.001, help="AdamW weight decay (0.001)")

@@ -16,10 +16,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .models import WIKIPEDIA, load_model, owned_output, resolve_device, wikipedia
+from .models import (
+    WIKIPEDIA,
+    load_model,
+    owned_output,
+    resolve_device,
+    wikipedia,
+    window_length,
+)
 from .output import UserError, emit, first_line, format_table
 
-log = logging.getLogger("spp_kernels.cli")
+log = logging.getLogger(__name__)
+DEFAULT_MAX_LEN = 512
 
 
 def _config(factory: Callable[..., Any], **kwargs: Any) -> Any:
@@ -123,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         engine.barrier()  # other ranks start once rank 0 holds --out
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         model, tokenizer = load_model(args.model, dtype=dtype, device=str(device))
+        args.max_len = window_length(model, args.max_len, DEFAULT_MAX_LEN, "--max-len")
         examples, data_digest = load_training_data(args, tokenizer)
         check_vocab(examples, model.config.vocab_size, str(args.data))
         teacher = None

@@ -244,6 +244,11 @@ def _call(
     # A zero-stride stand-in carries a packed W's dense shape, dtype and device into the checks.
     dense_like = weight if meta is None else weight.new_empty(()).expand(m, n)
     check_spp_args(x, dense_like, alpha, beta, bias, scale, dropout_p)
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{what}: the frozen weight requires grad, but SPP never trains W (it gets no "
+            "gradient): freeze it with weight.requires_grad_(False)"
+        )
     resolved = resolve_backend(backend, x.device)
     allowed = FLOAT_DTYPES if resolved == "triton" else TORCH_DTYPES
     if x.dtype not in allowed:

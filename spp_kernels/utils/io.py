@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_writer",
+    "manifest_problem",
+    "write_manifest",
 ]
 
 
@@ -61,17 +64,41 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        apply_umask(tmp)  # after the write: some writers (safetensors) recreate the file
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        with naming_errors(dest):
+            yield tmp
+            apply_umask(tmp)  # after the write: some writers (safetensors) recreate the file
+            with open(tmp, "rb+") as f:
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
     _fsync_dir(directory)
+
+
+# "Os { code: 28, ... }" or "(os error 28)": how Rust writers (safetensors, tokenizers)
+# report an OS error inside their own exception type.
+_RUST_OS_ERROR = re.compile(r"Os \{ code: (\d+)|\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def naming_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OS error that names no file (a full disk inside a library's writer, a
+    file-size limit) as an OSError naming `path`: every error of a write says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise
+    except Exception as e:  # a Rust writer's own error type carrying an OS error code
+        match = _RUST_OS_ERROR.search(str(e))
+        if match is None:
+            raise
+        code = int(match.group(1) or match.group(2))
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def _atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -97,6 +124,57 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+MANIFEST_NAME = "spp-manifest.json"
+
+
+def write_manifest(directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write MANIFEST_NAME in `directory`: the sha256 and size of every other regular file
+    under it (and `extra` values). Written last, atomically: its presence says the directory
+    was complete when it was written."""
+    import json
+
+    root = Path(directory)
+    files = {
+        str(p.relative_to(root)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink() and p.name != MANIFEST_NAME
+    }
+    text = json.dumps({"format": 1, "files": files, **(extra or {})}, indent=1, sort_keys=True)
+    return atomic_write_text(root / MANIFEST_NAME, text + "\n")
+
+
+def manifest_problem(directory: str | os.PathLike, expect: dict | None = None) -> str | None:
+    """None when `directory` matches its MANIFEST_NAME (every listed file present with its
+    size and sha256, and the manifest's values for the keys of `expect` equal to them),
+    else what is wrong, naming the file."""
+    import json
+
+    root = Path(directory)
+    path = root / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("no files listed")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        return f"{path}: missing or unreadable ({type(e).__name__})"
+    for key, value in (expect or {}).items():
+        if manifest.get(key) != value:
+            return f"{path}: {key} is {manifest.get(key)!r}, expected {value!r}"
+    for name, entry in files.items():
+        item = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"{path}: lists a file outside the directory ({name!r})"
+        try:
+            if item.is_symlink() or not item.is_file() or item.stat().st_size != entry["bytes"]:
+                return f"{item}: missing or of the wrong size"
+            if file_sha256(item) != entry["sha256"]:
+                return f"{item}: its sha256 differs from the manifest's"
+        except (OSError, KeyError, TypeError) as e:
+            return f"{item}: unreadable ({type(e).__name__})"
+    return None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -165,7 +243,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=parent))
     apply_umask(tmp, directory=True)
     try:
-        yield tmp
+        with naming_errors(dest):
+            yield tmp
         # Library writers (safetensors writes through a 0600 temp file) ignore the umask.
         for item in tmp.rglob("*"):
             if not item.is_symlink():
@@ -226,7 +305,10 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
 
     flock on a sibling file `.<name>.spp-lock` (so the lock exists before `out` does); the
     file holds the holder's pid. A second writer fails at once with OutputLocked naming that
-    pid. The kernel releases the lock on every exit, signals and crashes included.
+    pid. The holder deletes the file when it is done (refused or not), still holding the
+    lock; a process that locked a file already deleted that way tries again on the new one.
+    The kernel releases the lock on every exit, signals and crashes included (a file left
+    by a killed process is reused by the next one).
     """
     import fcntl
     import stat
@@ -236,22 +318,35 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
     if not parent.is_dir():
         raise FileNotFoundError(f"output lock: directory {parent} does not exist")
     lock_path = parent / f".{dest.name}.spp-lock"
-    # O_NOFOLLOW: a planted symlink must not make us truncate the file it points to.
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~_umask())
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OutputLocked(f"{lock_path} is not a regular file; remove it")
-    try:
+    for _ in range(100):
+        # O_NOFOLLOW: a planted symlink must not make us truncate the file it points to.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~_umask())
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutputLocked(f"{lock_path} is not a regular file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise OutputLocked(
                 f"{dest} is in use by another spp process (pid {holder}); wait for it or "
                 "choose another --out"
             ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder deleted this file after we opened it
+    else:  # pragma: no cover - a hundred holders in a row
+        raise OutputLocked(f"{lock_path}: could not be locked")
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock_path
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # while still holding the lock
         os.close(fd)  # releases the flock

@@ -78,9 +78,13 @@ def expected_trainable(model: nn.Module, r: int, targets=TARGETS) -> int:
 
 
 def test_config_json_round_trip_and_defaults():
-    cfg = SPPConfig(r=8, scale=1.5, target_modules="model\\..*_proj", adapter_dtype=torch.float32)
+    cfg = SPPConfig(r=8, scale=1.5, target_modules=["q_proj"], adapter_dtype=torch.float32)
     assert cfg.adapter_dtype == "float32" and cfg.torch_adapter_dtype == torch.float32
     assert SPPConfig.from_json(cfg.to_json()) == cfg
+    # A regex is the user's own choice in Python; read back from a file it is refused.
+    regex = SPPConfig(target_modules="model\\..*_proj")
+    with pytest.raises(ValueError, match="patterns are never read from files"):
+        SPPConfig.from_json(regex.to_json())
     default = SPPConfig()
     assert default.target_modules == list(TARGETS) and default.r == 16 and default.scale == 2.0
     assert default.dropout == 0.05 and default.weight_format == "dense"

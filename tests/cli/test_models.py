@@ -1,13 +1,17 @@
 """The embedded model's converted copy in the cache (cli.models.embedded_model_dir): made
-once, reused, complete or absent, and skipped (never an error) where it cannot be written."""
+once, reused, complete or absent, verified against its manifest on every use (a bad entry
+is converted again, issue 18 item 10), and skipped (never an error) where it cannot be
+written."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from spp_kernels.cli import models
+from spp_kernels.utils.io import MANIFEST_NAME, file_sha256, write_manifest
 from tests.helpers import make_tiny_llama, tiny_tokenizer
 
 
@@ -63,6 +67,7 @@ def test_a_concurrent_writer_s_copy_is_kept(fake_embedded, monkeypatch):
         winner = out.parent / out.name.split(".new-")[0].lstrip(".")
         convert(src, winner)
         (winner / "winner").touch()
+        write_manifest(winner, {"gguf_sha256": file_sha256(src)})
 
     monkeypatch.setattr(models, "_convert_gguf", racing)
     dest = models.embedded_model_dir()
@@ -74,3 +79,39 @@ def test_an_unwritable_cache_falls_back_to_the_gguf(fake_embedded, tmp_path, cap
     with caplog.at_level(logging.WARNING):
         assert models.embedded_model_dir() is None
     assert "cannot cache" in caplog.text
+
+
+def _tamper_truncate(entry):
+    path = entry / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _tamper_edit(entry):
+    path = entry / "model.safetensors"
+    weights = load_file(path)
+    key = sorted(weights)[0]
+    weights[key] = weights[key] + 1.0  # same size, other values
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        _tamper_truncate,
+        _tamper_edit,
+        lambda entry: (entry / "config.json").unlink(),
+        lambda entry: (entry / MANIFEST_NAME).unlink(),
+    ],
+    ids=["truncated", "modified tensor", "no config.json", "no manifest"],
+)
+def test_18_10_a_bad_entry_is_converted_again_once(fake_embedded, tmp_path, caplog, tamper):
+    gguf, calls = fake_embedded
+    first = models.embedded_model_dir()
+    tamper(first)
+    with caplog.at_level(logging.WARNING):
+        again = models.embedded_model_dir()
+    assert again == first and len(calls) == 2
+    assert "not usable" in caplog.text and str(first) in caplog.text
+    assert models.embedded_model_dir() == first and len(calls) == 2  # and only once
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]  # nothing left aside
+    models.load_model(models.EMBEDDED)
