@@ -230,10 +230,9 @@ def _part(part: str):
     """triton-forward / -dx / -dab: one part of the triton backend's step, alone."""
     from spp_kernels.ops import triton_backend
     from spp_kernels.ops.dropout import draw_keep_bits
-    from spp_kernels.ops.frozen import Frozen
 
     def run(s: InputSet) -> None:
-        frozen = Frozen(s.weight, None, None, s.x.shape[1])
+        frozen = s.weight
         bits = draw_keep_bits(*s.x.shape, s.dropout, 7, s.x.device) if s.dropout else None
         x, a, b = s.x.detach(), s.alpha.detach(), s.beta.detach()
         if part == "forward":

@@ -87,7 +87,7 @@ def variants(dtypes=DTYPES, only=KERNELS) -> list[Variant]:
     weights = ("dense", "2:4")
     for dtype in dtypes:
         for weight in weights:
-            nm = {"NM_N": 2, "NM_M": 4} if weight == "2:4" else {"NM_N": 0, "NM_M": 0}
+            nm = {"N_KEEP": 2, "NM_GROUP": 4} if weight == "2:4" else {"N_KEEP": 0, "NM_GROUP": 0}
             for dropout in (False, True):
                 base = dict(DROPOUT=dropout, UPCAST=False, PRECISION="tf32", **nm)
                 if "forward" in only:

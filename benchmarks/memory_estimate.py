@@ -23,7 +23,11 @@ large-token path, at most 64 MiB per call) come on top.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+import torch
+
+from spp_kernels.sparsity.nm import nm_packed_nbytes
 from spp_kernels.utils import shapes as llama_shapes
 
 GIB = 1024**3
@@ -31,6 +35,31 @@ GIB = 1024**3
 
 SHAPES = {"LLaMA-7B": llama_shapes.LLAMA_7B, "LLaMA-13B": llama_shapes.LLAMA_13B,
           "LLaMA-2-70B": llama_shapes.LLAMA_2_70B}  # fmt: skip
+
+
+def llama_compressed_fraction(config: Any, dtype: torch.dtype = torch.float16) -> float:
+    """Expected size of a ``save_compressed`` LLaMA checkpoint over its dense size.
+
+    All decoder linears (q, k, v, o, gate, up, down) packed 2:4; embeddings, lm_head and
+    norms dense; ``config`` is a transformers LlamaConfig (or anything with its fields).
+    File headers are ignored (a few kB). LLaMA-7B: about 0.58 (the linears alone: 0.5625).
+    """
+    hidden = config.hidden_size
+    inter = config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q_out = config.num_attention_heads * head_dim
+    kv_out = config.num_key_value_heads * head_dim
+    shapes = [(q_out, hidden), (kv_out, hidden), (kv_out, hidden), (hidden, q_out)]
+    shapes += [(inter, hidden), (inter, hidden), (hidden, inter)]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    layers = config.num_hidden_layers
+    linear_dense = layers * sum(r * c for r, c in shapes) * itemsize
+    linear_packed = layers * sum(nm_packed_nbytes(r, c, 2, 4, dtype) for r, c in shapes)
+    embed = config.vocab_size * hidden * itemsize
+    heads = embed if getattr(config, "tie_word_embeddings", False) else 2 * embed
+    norms = (2 * layers + 1) * hidden * itemsize
+    other = heads + norms
+    return (linear_packed + other) / (linear_dense + other)
 
 
 def projections(c: dict) -> list[tuple[int, int]]:

@@ -1,8 +1,10 @@
 """Host-side launch preamble shared by every kernel: operand checks, dtype flags, autotuning.
 
-`prepare` is the one preamble each launcher calls: it validates the operands (dense or N:M
+`prepare` is the one preamble of every launch: it validates the operands (dense or N:M
 packed frozen weight, adapters, activations, dropout bits) before anything is launched and
-returns the derived launch arguments (`Launch`). Config pinning: with the environment
+returns the derived launch arguments (`Launch`). The host op prepares once per call,
+without checking again what it checked where it was called, and hands the same `Launch`
+to each kernel of that call (`launch=`); a direct caller of a launcher gets the checks. Config pinning: with the environment
 variable SPP_TRITON_CONFIGS=first, every autotuned kernel uses only its first GPU config
 (no benchmarking: the GPU test run then compiles one kernel per specialisation).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -25,68 +28,86 @@ PIN_FIRST_CONFIG = os.environ.get("SPP_TRITON_CONFIGS", "all") == "first"
 
 @dataclass(frozen=True)
 class Launch:
-    """What `prepare` derived for a launch.
+    """What `prepare` derived for the launches of one op call (shared by its kernels).
 
     m, n: the dense weight's shape (out_features, in_features); r: alpha's rows; tokens.
-    meta, stride_meta, nm_n, nm_m: the frozen weight's N:M metadata argument, its row
-    stride and its constexpr pattern (meta is the weight itself, never read, and
-    nm_n = nm_m = 0 when W is dense). keep, stride_keep: the dropout bits argument (the
-    weight, never read, when there is no dropout). upcast, precision: `dot_flags`.
+    w, stride_wm, stride_wn: the frozen weight's tensor (W itself, or the packed values) and
+    its strides. meta, stride_meta, n_keep, group: its N:M metadata argument, row stride and
+    constexpr pattern (meta is `w` itself, never read, and n_keep = group = 0 when W is
+    dense). keep, stride_keep: the dropout bits argument (`w`, never read, when there is
+    no dropout). upcast, precision: `dot_flags`.
     """
 
     m: int
     n: int
     r: int
     tokens: int
+    w: torch.Tensor
+    stride_wm: int
+    stride_wn: int
     meta: torch.Tensor
     stride_meta: int
-    nm_n: int
-    nm_m: int
+    n_keep: int
+    group: int
     keep: torch.Tensor
     stride_keep: int
     upcast: bool
     precision: str
 
 
+def weight_parts(weight: Any) -> tuple[torch.Tensor, torch.Tensor | None, int, int, int]:
+    """(values, meta or None, n_keep, group, n) of the frozen-weight operand: a dense (m, n)
+    tensor, or a packed N:M weight, any object with `values`, `meta`, `n_keep`, `group` and
+    `in_features` (spp_kernels.sparsity.PackedWeight; this package cannot import it)."""
+    if isinstance(weight, torch.Tensor):
+        return weight, None, 0, 0, weight.shape[-1] if weight.dim() else 0
+    return weight.values, weight.meta, weight.n_keep, weight.group, weight.in_features
+
+
 def prepare(
-    weight: torch.Tensor,
+    weight: Any,
     alpha: torch.Tensor,
     beta: torch.Tensor,
     *,
-    meta: torch.Tensor | None = None,
-    nm: tuple[int, int] | None = None,
     x: torch.Tensor | None = None,
     dy: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    check: bool = True,
 ) -> Launch:
-    """Check every operand of an SPP kernel launch and derive its arguments.
+    """Derive the launch arguments of an SPP kernel call, checking every operand first
+    (`check`; the host op checks its operands once where it is called and passes
+    check=False).
 
-    weight: dense W (m, n), or with `meta` and nm = (N, M) the packed values (m, n/M*N)
-    of an N:M weight (spp_kernels.sparsity.nm's format). x (tokens, n) and dy (tokens, m)
-    share W's dtype; alpha (r, n), beta (m,), bias (m,) are that dtype or float32; keep
-    (tokens, ceil(n/8)) uint8 dropout bits, required when dropout_p > 0.
+    weight: the frozen-weight operand, dense W (m, n) or a packed N:M weight (its values
+    (m, n/M*N) and metadata in spp_kernels.sparsity.nm's format). x (tokens, n) and dy
+    (tokens, m) share W's dtype; alpha (r, n), beta (m,), bias (m,) are that dtype or
+    float32; keep (tokens, ceil(n/8)) uint8 dropout bits, required when dropout_p > 0.
     """
-    dense_like, meta_arg, stride_meta, nm_n, nm_m = _frozen_weight(weight, meta, nm)
-    _check_operands(dense_like, alpha, beta, x=x, dy=dy, bias=bias)
-    m, n = dense_like.shape
+    w, meta, n_keep, group, n = weight_parts(weight)
+    if check:
+        dense_like = _dense_like(w, meta, n_keep, group, n)
+        _check_operands(dense_like, alpha, beta, x=x, dy=dy, bias=bias)
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"csrc_triton: dropout_p must be in [0, 1), got {dropout_p}")
+    m = w.shape[0]
     tokens = x.shape[0] if x is not None else (dy.shape[0] if dy is not None else 0)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"csrc_triton: dropout_p must be in [0, 1), got {dropout_p}")
-    keep_arg, stride_keep = weight, 0
+    keep_arg, stride_keep = w, 0
     if dropout_p > 0.0:
-        shape = (tokens, (n + 7) // 8)
-        if keep is None or keep.dtype != torch.uint8 or tuple(keep.shape) != shape:
-            got = None if keep is None else f"{keep.dtype} {tuple(keep.shape)}"
-            raise ValueError(f"csrc_triton: dropout needs uint8 keep bits {shape}, got {got}")
-        if keep.device != weight.device or keep.stride(1) != 1:
-            raise ValueError("csrc_triton: keep bits must be on W's device with unit stride")
+        if check:
+            shape = (tokens, (n + 7) // 8)
+            if keep is None or keep.dtype != torch.uint8 or tuple(keep.shape) != shape:
+                got = None if keep is None else f"{keep.dtype} {tuple(keep.shape)}"
+                raise ValueError(f"csrc_triton: dropout needs uint8 keep bits {shape}, got {got}")
+            if keep.device != w.device or keep.stride(1) != 1:
+                raise ValueError("csrc_triton: keep bits must be on W's device with unit stride")
         keep_arg, stride_keep = keep, keep.stride(0)
-    upcast, precision = dot_flags(weight.dtype)
+    upcast, precision = dot_flags(w.dtype)
     return Launch(
-        m, n, alpha.shape[0], tokens, meta_arg, stride_meta, nm_n, nm_m, keep_arg,
-        stride_keep, upcast, precision,
+        m, n, alpha.shape[0], tokens, w, w.stride(0), w.stride(1),
+        w if meta is None else meta, 0 if meta is None else meta.stride(0), n_keep, group,
+        keep_arg, stride_keep, upcast, precision,
     )  # fmt: skip
 
 
@@ -155,51 +176,39 @@ def _check_operands(
         )
 
 
-def _frozen_weight(
-    weight: torch.Tensor, meta: torch.Tensor | None, nm: tuple[int, int] | None
-) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-    """(dense_like, meta_arg, stride_meta, NM_N, NM_M) for a dense or N:M packed weight.
-
-    dense_like has W's (m, n) shape, dtype and device for the operand checks and the grid:
-    W itself when dense, a zero-stride view of one element when packed (never a dense
-    copy). This is the device tier's operand check of the packed layout; the format itself
-    is defined (and validated for users) in spp_kernels.sparsity.nm, which this package
-    cannot import.
-    """
+def _dense_like(
+    w: torch.Tensor, meta: torch.Tensor | None, n_keep: int, group: int, n: int
+) -> torch.Tensor:
+    """A tensor with W's (m, n) shape, dtype and device for the operand checks: W itself
+    when dense, a zero-stride view of one element when packed (never a dense copy). This
+    is the device tier's check of the packed layout; the format itself is defined (and
+    validated for users) in spp_kernels.sparsity.nm, which this package cannot import."""
     if meta is None:
-        if nm is not None:
-            raise ValueError("csrc_triton: nm=(N, M) given without the packed metadata `meta`")
-        return weight, weight, 0, 0, 0
-    if (
-        not isinstance(nm, tuple)
-        or len(nm) != 2
-        or nm[1] not in (4, 8)
-        or not isinstance(nm[0], int)
-        or not 1 <= nm[0] < nm[1]
-    ):
-        raise ValueError(f"csrc_triton: nm must be (N, M) with M in (4, 8), 1 <= N < M; got {nm!r}")
-    n_keep, group = nm
-    if weight.dim() != 2 or weight.shape[1] % n_keep:
+        return w
+    if group not in (4, 8) or not isinstance(n_keep, int) or not 1 <= n_keep < group:
         raise ValueError(
-            f"csrc_triton: packed values must be 2-D (m, n // {group} * {n_keep}), got "
-            f"{tuple(weight.shape)}"
+            f"csrc_triton: the N:M pattern must have M in (4, 8), 1 <= N < M; got {n_keep}:{group}"
         )
-    m, groups = weight.shape[0], weight.shape[1] // n_keep
+    if w.dim() != 2 or w.shape[1] % n_keep or w.shape[1] // n_keep * group != n:
+        raise ValueError(
+            f"csrc_triton: packed values must be 2-D (m, {n} // {group} * {n_keep}), got "
+            f"{tuple(w.shape)}"
+        )
+    m, groups = w.shape[0], w.shape[1] // n_keep
     per_word = 32 // (n_keep * (2 if group == 4 else 3))
     expected = (m, -(-groups // per_word))
     if meta.dtype != torch.int32 or tuple(meta.shape) != expected:
         raise ValueError(
             f"csrc_triton: packed meta must be int32 of shape {expected} for values "
-            f"{tuple(weight.shape)} and {n_keep}:{group}, got {meta.dtype} {tuple(meta.shape)}"
+            f"{tuple(w.shape)} and {n_keep}:{group}, got {meta.dtype} {tuple(meta.shape)}"
         )
-    if meta.device != weight.device:
+    if meta.device != w.device:
         raise ValueError(
-            f"csrc_triton: values on {weight.device} but meta on {meta.device}; use one device"
+            f"csrc_triton: values on {w.device} but meta on {meta.device}; use one device"
         )
-    if weight.stride(1) != 1 or meta.stride(1) != 1:
+    if w.stride(1) != 1 or meta.stride(1) != 1:
         raise ValueError("csrc_triton: packed values and meta need unit column stride")
-    dense_like = weight.new_empty(()).expand(m, groups * group)
-    return dense_like, meta, meta.stride(0), n_keep, group
+    return w.new_empty(()).expand(m, n)
 
 
 def check_out(out: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor, name: str) -> None:

@@ -15,7 +15,7 @@ o (output features, of W (m, n)) and columns i (input features):
     grouped_tile        program id -> (row tile, column tile) in grouped (L2-friendly) order
 
 The kernels read the frozen weight only through `frozen_weight_tile`: a plain load for a
-dense W, or (constexpr NM_M > 0) `nm_tiles.nm_dense_tile`, which expands the tile from the
+dense W, or (constexpr NM_GROUP > 0) `nm_tiles.nm_dense_tile`, which expands the tile from the
 N:M packed values and metadata in registers, so a packed weight is never made dense.
 
 Status (2026-12-01): exercised through every kernel under the Triton 3.6 interpreter
@@ -43,17 +43,17 @@ def frozen_weight_tile(
     stride_wn,
     stride_meta,
     BLOCK_C: tl.constexpr,
-    NM_N: tl.constexpr,
-    NM_M: tl.constexpr,
+    N_KEEP: tl.constexpr,
+    NM_GROUP: tl.constexpr,
 ):
     """W[rows, col0 : col0 + BLOCK_C] in W's dtype; 0 for invalid rows and columns >= n.
 
-    NM_M == 0: w_ptr is the dense W (m, n) and meta_ptr is not read. NM_M in {4, 8}: w_ptr
-    is the packed values (m, n // NM_M * NM_N, unit column stride; stride_wm its row stride)
+    NM_GROUP == 0: w_ptr is the dense W (m, n) and meta_ptr is not read. NM_GROUP in {4, 8}: w_ptr
+    is the packed values (m, n // NM_GROUP * N_KEEP, unit column stride; stride_wm its row stride)
     and meta_ptr the int32 metadata (row stride stride_meta) of spp_kernels.sparsity.nm's
     format; the tile is decoded bit-exactly in registers (nm_tiles.nm_dense_tile).
     """
-    if NM_M == 0:
+    if NM_GROUP == 0:
         cols = col0 + tl.arange(0, BLOCK_C)
         mask = rows_ok[:, None] & (cols < n)[None, :]
         w = tl.load(
@@ -63,7 +63,17 @@ def frozen_weight_tile(
         )
     else:
         w = nm_dense_tile(
-            w_ptr, meta_ptr, rows, rows_ok, col0, n, stride_wm, stride_meta, BLOCK_C, NM_N, NM_M
+            w_ptr,
+            meta_ptr,
+            rows,
+            rows_ok,
+            col0,
+            n,
+            stride_wm,
+            stride_meta,
+            BLOCK_C,
+            N_KEEP,
+            NM_GROUP,
         )
     return w
 

@@ -25,7 +25,7 @@ Two decoders, chosen by the constexpr N:
 
 Nothing here ever writes a dense weight to memory: the tile lives in registers and is fed
 straight to `tl.dot` by the fused SPP kernels, which read the frozen weight only through
-`_tiles.frozen_weight_tile` (constexpr NM_N, NM_M).
+`_tiles.frozen_weight_tile` (constexpr N_KEEP, NM_GROUP).
 
 Status (2026-12-01): both decoders tested under the Triton 3.6 interpreter against
 `spp_kernels.sparsity.nm` (tests/ops/test_nm_kernels.py); compiled for sm_90a and sm_80

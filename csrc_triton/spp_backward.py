@@ -38,7 +38,7 @@ g(o) = floor(o*r/m). Given dY (T, m):
    on the host, and _spp_dalpha_reduce_kernel sums, for each group j, the slots of the (at
    most a few) row tiles that touch j, in tile order.
 
-N:M packed weights (constexpr NM_M > 0): both kernels read W through
+N:M packed weights (constexpr NM_GROUP > 0): both kernels read W through
 _tiles.frozen_weight_tile, which decodes each tile in registers; W is never densified.
 
 Recomputed in backward rather than saved by the forward: W_eff and W * alpha[g] (per
@@ -51,11 +51,22 @@ config spill-free (python -m benchmarks.kernel_report); not yet run on a GPU.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, MIN_DOT, alpha_groups, autotune, check_out, prepare, tokens_bucket
+from ._launch import (
+    INTERPRET,
+    MIN_DOT,
+    Launch,
+    alpha_groups,
+    autotune,
+    check_out,
+    prepare,
+    tokens_bucket,
+)
 from ._tiles import (
     adapter_tile,
     advance_groups,
@@ -98,7 +109,7 @@ def _num_groups_k(args: dict) -> int:
 @autotune(
     DX_CONFIGS,
     DX_INTERPRETER_CONFIG,
-    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "NM_N", "NM_M"],
+    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "N_KEEP", "NM_GROUP"],
     dot_blocks=("BLOCK_T", "BLOCK_N", "BLOCK_K"),
 )
 @triton.heuristics({"NUM_GROUPS": _num_groups_k})
@@ -135,8 +146,8 @@ def _spp_dx_kernel(
     tokens_bucket,  # autotuning key only
     # meta-parameters: variant switches, dot flags, tile sizes
     DROPOUT: tl.constexpr,
-    NM_N: tl.constexpr,
-    NM_M: tl.constexpr,
+    N_KEEP: tl.constexpr,
+    NM_GROUP: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -175,7 +186,7 @@ def _spp_dx_kernel(
         )
         w = frozen_weight_tile(
             w_ptr, meta_ptr, rows, m_ok, pid_n * BLOCK_N, n, stride_wm, stride_wn, stride_meta,
-            BLOCK_N, NM_N, NM_M,
+            BLOCK_N, N_KEEP, NM_GROUP,
         )  # fmt: skip
         alpha_g = alpha_rows_tile(
             alpha_ptr, first, rem + lanes * r, m, m_ok, cols, n_ok, r, stride_ar, stride_an,
@@ -231,7 +242,7 @@ def dalpha_slots(m: int, r: int, block_m: int = DAB_BLOCK_M) -> int:
 @autotune(
     DAB_CONFIGS,
     DAB_INTERPRETER_CONFIG,
-    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "NM_N", "NM_M"],
+    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "N_KEEP", "NM_GROUP"],
     dot_blocks=("BLOCK_K",),
 )
 @triton.heuristics({"NUM_GROUPS": _num_groups_rows})
@@ -270,8 +281,8 @@ def _spp_dalpha_dbeta_kernel(
     tokens_bucket,  # autotuning key only
     # meta-parameters: variant switches, dot flags, tile sizes
     DROPOUT: tl.constexpr,
-    NM_N: tl.constexpr,
-    NM_M: tl.constexpr,
+    N_KEEP: tl.constexpr,
+    NM_GROUP: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -306,7 +317,7 @@ def _spp_dalpha_dbeta_kernel(
     # Epilogue: P = s/(1-p) * W * G, contracted with alpha[g(o)] (dbeta) and beta (dalpha).
     w = frozen_weight_tile(
         w_ptr, meta_ptr, rows, m_ok, pid_n * BLOCK_N, n, stride_wm, stride_wn, stride_meta,
-        BLOCK_N, NM_N, NM_M,
+        BLOCK_N, N_KEEP, NM_GROUP,
     )  # fmt: skip
     first_group, offsets = group_offsets(pid_m * BLOCK_M, tl.arange(0, BLOCK_M), r, m)
     p = g * w.to(tl.float32) * grad_scale
@@ -361,7 +372,7 @@ def _spp_dalpha_reduce_kernel(
 
 def spp_linear_dx(
     dy: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Any,
     alpha: torch.Tensor,
     beta: torch.Tensor,
     scale: float,
@@ -369,16 +380,17 @@ def spp_linear_dx(
     keep: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     *,
-    meta: torch.Tensor | None = None,
-    nm: tuple[int, int] | None = None,
+    launch: Launch | None = None,
 ) -> torch.Tensor:
-    """dX (tokens, n) in dy's dtype for dy (tokens, m), weight (m, n), alpha (r, n), beta (m,).
+    """dX (tokens, n) in dy's dtype for dy (tokens, m), the frozen weight W (m, n) (dense or
+    N:M packed, as in spp_linear_forward), alpha (r, n), beta (m,).
 
     keep: the forward's packed dropout bits, required when dropout_p > 0. `out` (tokens, n),
-    dy's dtype, any strides: written instead of a new tensor. meta/nm: `weight` is N:M
-    packed, as in spp_linear_forward.
+    dy's dtype, any strides: written instead of a new tensor. `launch`: the backward's
+    prepared launch (shared with spp_linear_dalpha_dbeta), else `prepare` checks here.
     """
-    launch = prepare(weight, alpha, beta, meta=meta, nm=nm, dy=dy, keep=keep, dropout_p=dropout_p)
+    if launch is None:
+        launch = prepare(weight, alpha, beta, dy=dy, keep=keep, dropout_p=dropout_p)
     tokens, n = launch.tokens, launch.n
     if out is None:
         out = torch.empty((tokens, n), dtype=dy.dtype, device=dy.device)
@@ -392,7 +404,7 @@ def spp_linear_dx(
 
     _spp_dx_kernel[grid](
         dy_ptr=dy,
-        w_ptr=weight,
+        w_ptr=launch.w,
         meta_ptr=launch.meta,
         alpha_ptr=alpha,
         beta_ptr=beta,
@@ -404,8 +416,8 @@ def spp_linear_dx(
         r=launch.r,
         stride_dyt=dy.stride(0),
         stride_dym=dy.stride(1),
-        stride_wm=weight.stride(0),
-        stride_wn=weight.stride(1),
+        stride_wm=launch.stride_wm,
+        stride_wn=launch.stride_wn,
         stride_meta=launch.stride_meta,
         stride_ar=alpha.stride(0),
         stride_an=alpha.stride(1),
@@ -417,8 +429,8 @@ def spp_linear_dx(
         keep_scale=1.0 / (1.0 - dropout_p),
         tokens_bucket=tokens_bucket(tokens),
         DROPOUT=dropout_p > 0.0,
-        NM_N=launch.nm_n,
-        NM_M=launch.nm_m,
+        N_KEEP=launch.n_keep,
+        NM_GROUP=launch.group,
         UPCAST=launch.upcast,
         PRECISION=launch.precision,
     )
@@ -428,26 +440,24 @@ def spp_linear_dx(
 def spp_linear_dalpha_dbeta(
     dy: torch.Tensor,
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Any,
     alpha: torch.Tensor,
     beta: torch.Tensor,
     scale: float,
     dropout_p: float,
     keep: torch.Tensor | None = None,
     *,
-    meta: torch.Tensor | None = None,
-    nm: tuple[int, int] | None = None,
+    launch: Launch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dalpha (r, n) in alpha's dtype, dbeta (m,) float32) for dy (tokens, m), x (tokens, n).
 
     dbeta comes back in float32 (the host sum of the per-column-tile partials); the caller
     casts it to beta's dtype. Workspace: (cdiv(n, BLOCK_N), m) + (cdiv(m, BLOCK_M), SLOTS, n)
-    float32. keep: the forward's dropout bits (dropout_p > 0). meta/nm: `weight` is N:M
-    packed, as in spp_linear_forward.
+    float32. keep: the forward's dropout bits (dropout_p > 0). The frozen weight is dense or
+    N:M packed, as in spp_linear_forward; `launch` as in spp_linear_dx.
     """
-    launch = prepare(
-        weight, alpha, beta, meta=meta, nm=nm, x=x, dy=dy, keep=keep, dropout_p=dropout_p
-    )
+    if launch is None:
+        launch = prepare(weight, alpha, beta, x=x, dy=dy, keep=keep, dropout_p=dropout_p)
     tokens, m, n, r = launch.tokens, launch.m, launch.n, launch.r
     slots = dalpha_slots(m, r)
     m_tiles, n_tiles = triton.cdiv(m, DAB_BLOCK_M), triton.cdiv(n, DAB_BLOCK_N)
@@ -459,7 +469,7 @@ def spp_linear_dalpha_dbeta(
     _spp_dalpha_dbeta_kernel[(m_tiles * n_tiles,)](
         dy_ptr=dy,
         x_ptr=x,
-        w_ptr=weight,
+        w_ptr=launch.w,
         meta_ptr=launch.meta,
         alpha_ptr=alpha,
         beta_ptr=beta,
@@ -475,8 +485,8 @@ def spp_linear_dalpha_dbeta(
         stride_dym=dy.stride(1),
         stride_xt=x.stride(0),
         stride_xn=x.stride(1),
-        stride_wm=weight.stride(0),
-        stride_wn=weight.stride(1),
+        stride_wm=launch.stride_wm,
+        stride_wn=launch.stride_wn,
         stride_meta=launch.stride_meta,
         stride_ar=alpha.stride(0),
         stride_an=alpha.stride(1),
@@ -485,8 +495,8 @@ def spp_linear_dalpha_dbeta(
         grad_scale=float(scale) / (1.0 - dropout_p),
         tokens_bucket=tokens_bucket(tokens),
         DROPOUT=dropout_p > 0.0,
-        NM_N=launch.nm_n,
-        NM_M=launch.nm_m,
+        N_KEEP=launch.n_keep,
+        NM_GROUP=launch.group,
         UPCAST=launch.upcast,
         PRECISION=launch.precision,
         BLOCK_M=DAB_BLOCK_M,

@@ -34,7 +34,7 @@ with it as Hopper's register operand instead, ptxas serialised every wgmma (C751
 Programs are launched in grouped order so a W panel is reused from L2. Epilogue: + bias,
 one store.
 
-N:M packed weights (constexpr NM_M > 0): W arrives as values (m, n/M*N) and int32
+N:M packed weights (constexpr NM_GROUP > 0): W arrives as values (m, n/M*N) and int32
 metadata and each W tile is decoded in registers by _tiles.frozen_weight_tile; the rest
 is the same code, so packed and dense weights give the same results, and W's global
 traffic drops to the packed bytes.
@@ -50,11 +50,13 @@ config spill-free (python -m benchmarks.kernel_report); not yet run on a GPU.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import alpha_groups, autotune, check_out, prepare, tokens_bucket
+from ._launch import Launch, alpha_groups, autotune, check_out, prepare, tokens_bucket
 from ._tiles import (
     adapter_tile,
     alpha_rows_tile,
@@ -93,7 +95,7 @@ def _num_groups(args: dict) -> int:
 @autotune(
     FORWARD_CONFIGS,
     FORWARD_INTERPRETER_CONFIG,
-    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "NM_N", "NM_M"],
+    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "N_KEEP", "NM_GROUP"],
     dot_blocks=("BLOCK_T", "BLOCK_M", "BLOCK_K"),
 )
 @triton.heuristics({"NUM_GROUPS": _num_groups})
@@ -133,8 +135,8 @@ def _spp_forward_kernel(
     # meta-parameters: variant switches, dot flags, tile sizes
     HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
-    NM_N: tl.constexpr,
-    NM_M: tl.constexpr,
+    N_KEEP: tl.constexpr,
+    NM_GROUP: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -168,7 +170,7 @@ def _spp_forward_kernel(
         x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xn, mask=x_mask, other=0.0)
         w = frozen_weight_tile(
             w_ptr, meta_ptr, offs_m, m_ok, k0, n, stride_wm, stride_wn, stride_meta,
-            BLOCK_K, NM_N, NM_M,
+            BLOCK_K, N_KEEP, NM_GROUP,
         )  # fmt: skip
         alpha_g = alpha_rows_tile(
             alpha_ptr, first_group, offsets, m, m_ok, cols, k_ok, r, stride_ar, stride_an,
@@ -194,7 +196,7 @@ def _spp_forward_kernel(
 
 def spp_linear_forward(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Any,
     alpha: torch.Tensor,
     beta: torch.Tensor,
     bias: torch.Tensor | None,
@@ -203,20 +205,19 @@ def spp_linear_forward(
     keep: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     *,
-    meta: torch.Tensor | None = None,
-    nm: tuple[int, int] | None = None,
+    launch: Launch | None = None,
 ) -> torch.Tensor:
-    """Y (tokens, m) in x's dtype for x (tokens, n) with any strides, weight (m, n),
-    alpha (r, n), beta (m,), bias (m,) or None; see the module docstring for the math.
+    """Y (tokens, m) in x's dtype for x (tokens, n) with any strides, the frozen weight W
+    (m, n) (a dense tensor, or an N:M packed weight whose tiles are decoded in registers,
+    never densified: see `_launch.weight_parts`), alpha (r, n), beta (m,), bias (m,) or
+    None; see the module docstring for the math.
 
     keep: the packed dropout bits (tokens, ceil(n/8)) uint8, required when dropout_p > 0.
-    `out` (tokens, m), x's dtype, any strides: written instead of a new tensor.
-    N:M packed weight: `weight` = values (m, n // M * N), `meta` its int32 metadata and
-    nm = (N, M); tiles are decoded in registers, never densified.
+    `out` (tokens, m), x's dtype, any strides: written instead of a new tensor. `launch`:
+    this call's prepared (already checked) launch arguments, else `prepare` checks here.
     """
-    launch = prepare(
-        weight, alpha, beta, meta=meta, nm=nm, x=x, bias=bias, keep=keep, dropout_p=dropout_p
-    )
+    if launch is None:
+        launch = prepare(weight, alpha, beta, x=x, bias=bias, keep=keep, dropout_p=dropout_p)
     tokens, m = launch.tokens, launch.m
     if out is None:
         out = torch.empty((tokens, m), dtype=x.dtype, device=x.device)
@@ -230,7 +231,7 @@ def spp_linear_forward(
 
     _spp_forward_kernel[grid](
         x_ptr=x,
-        w_ptr=weight,
+        w_ptr=launch.w,
         meta_ptr=launch.meta,
         alpha_ptr=alpha,
         beta_ptr=beta,
@@ -243,8 +244,8 @@ def spp_linear_forward(
         r=launch.r,
         stride_xt=x.stride(0),
         stride_xn=x.stride(1),
-        stride_wm=weight.stride(0),
-        stride_wn=weight.stride(1),
+        stride_wm=launch.stride_wm,
+        stride_wn=launch.stride_wn,
         stride_meta=launch.stride_meta,
         stride_ar=alpha.stride(0),
         stride_an=alpha.stride(1),
@@ -258,8 +259,8 @@ def spp_linear_forward(
         tokens_bucket=tokens_bucket(tokens),
         HAS_BIAS=bias is not None,
         DROPOUT=dropout_p > 0.0,
-        NM_N=launch.nm_n,
-        NM_M=launch.nm_m,
+        N_KEEP=launch.n_keep,
+        NM_GROUP=launch.group,
         UPCAST=launch.upcast,
         PRECISION=launch.precision,
     )

@@ -18,11 +18,13 @@ for sm_90a (benchmarks/kernel_report.py); not yet run on a GPU.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRET, alpha_groups, prepare
+from ._launch import INTERPRET, Launch, alpha_groups, prepare
 from ._tiles import alpha_rows_tile, frozen_weight_tile, group_offsets
 
 CHUNK_BLOCK_M, CHUNK_BLOCK_N = (16, 16) if INTERPRET else (32, 128)
@@ -59,8 +61,8 @@ def _weight_chunk_kernel(
     scale,
     # meta-parameters
     MODE: tl.constexpr,
-    NM_N: tl.constexpr,
-    NM_M: tl.constexpr,
+    N_KEEP: tl.constexpr,
+    NM_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
@@ -73,7 +75,7 @@ def _weight_chunk_kernel(
     offs_m = row0 + local
     w = frozen_weight_tile(
         w_ptr, meta_ptr, offs_m, rows_ok, col0, n, stride_wm, stride_wn, stride_meta,
-        BLOCK_N, NM_N, NM_M,
+        BLOCK_N, N_KEEP, NM_GROUP,
     )  # fmt: skip
     if MODE == 0:
         out = w
@@ -100,7 +102,7 @@ MODES = {"weight": 0, "merged": 1, "adapter": 2}
 
 
 def weight_chunk(
-    weight: torch.Tensor,
+    weight: Any,
     alpha: torch.Tensor,
     beta: torch.Tensor,
     scale: float,
@@ -109,25 +111,26 @@ def weight_chunk(
     mode: str,
     out: torch.Tensor | None = None,
     *,
-    meta: torch.Tensor | None = None,
-    nm: tuple[int, int] | None = None,
+    launch: Launch | None = None,
 ) -> torch.Tensor:
     """Rows [row0, row0 + rows) of W, W_eff or scale * W * alpha[g] * beta (`mode` "weight",
-    "merged", "adapter") as a contiguous (rows, n) tensor in W's dtype. `out` (rows, n)
-    contiguous, W's dtype: reused instead of a new allocation. meta/nm: W is N:M packed."""
-    launch = prepare(weight, alpha, beta, meta=meta, nm=nm)
+    "merged", "adapter") as a contiguous (rows, n) tensor in W's dtype; W is the frozen
+    weight, dense or N:M packed. `out` (rows, n) contiguous, W's dtype: reused instead of a
+    new allocation. `launch`: the call's prepared launch, else `prepare` checks here."""
+    if launch is None:
+        launch = prepare(weight, alpha, beta)
     m, n = launch.m, launch.n
     if not 0 <= row0 <= row0 + rows <= m:
         raise ValueError(f"csrc_triton: chunk rows [{row0}, {row0 + rows}) outside [0, {m})")
     if out is None:
-        out = torch.empty((rows, n), dtype=weight.dtype, device=weight.device)
-    elif tuple(out.shape) != (rows, n) or out.dtype != weight.dtype or out.stride(1) != 1:
-        raise ValueError(f"csrc_triton: chunk out must be ({rows}, {n}) {weight.dtype}")
+        out = torch.empty((rows, n), dtype=launch.w.dtype, device=launch.w.device)
+    elif tuple(out.shape) != (rows, n) or out.dtype != launch.w.dtype or out.stride(1) != 1:
+        raise ValueError(f"csrc_triton: chunk out must be ({rows}, {n}) {launch.w.dtype}")
     if rows == 0 or n == 0:
         return out
     grid = (triton.cdiv(rows, CHUNK_BLOCK_M), triton.cdiv(n, CHUNK_BLOCK_N))
     _weight_chunk_kernel[grid](
-        w_ptr=weight,
+        w_ptr=launch.w,
         meta_ptr=launch.meta,
         alpha_ptr=alpha,
         beta_ptr=beta,
@@ -137,8 +140,8 @@ def weight_chunk(
         r=launch.r,
         row0=row0,
         rows=rows,
-        stride_wm=weight.stride(0),
-        stride_wn=weight.stride(1),
+        stride_wm=launch.stride_wm,
+        stride_wn=launch.stride_wn,
         stride_meta=launch.stride_meta,
         stride_ar=alpha.stride(0),
         stride_an=alpha.stride(1),
@@ -146,8 +149,8 @@ def weight_chunk(
         stride_om=out.stride(0),
         scale=float(scale),
         MODE=MODES[mode],
-        NM_N=launch.nm_n,
-        NM_M=launch.nm_m,
+        N_KEEP=launch.n_keep,
+        NM_GROUP=launch.group,
         BLOCK_M=CHUNK_BLOCK_M,
         BLOCK_N=CHUNK_BLOCK_N,
     )

@@ -39,8 +39,21 @@ TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.flo
 
 def normwise_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max|got - ref| / max|ref| in float64 (0-safe)."""
-    got, ref = got.double(), ref.double()
+    got, ref = got.detach().double(), ref.detach().double()
     return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, *, dtype: torch.dtype | None = None,
+                 tol: float | None = None, name: str = "output") -> float:  # fmt: skip
+    """Every numerical test's check against a (float64) reference: same shape, all finite
+    (a poisoned, unwritten output fails), normwise error <= `tol` (default TOL of `dtype`,
+    the precision the result was computed in, or else got's dtype). Returns the error."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten output?)"
+    limit = TOL[dtype or got.dtype] if tol is None else tol
+    err = normwise_error(got, ref)
+    assert err <= limit, f"{name} ({dtype or got.dtype}): error {err:.3e} > {limit:.1e}"
+    return err
 
 
 _TINY = dict(shapes.TINY, max_position_embeddings=256)

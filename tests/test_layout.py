@@ -1,9 +1,12 @@
 """The architecture, checked: imports point one way down the tiers, csrc_triton imports no
-host code, and no module in spp_kernels grows past 600 lines (README, "Layout")."""
+host code, every module is named in its tier, the kernel tiers import without the Hugging
+Face stack, and no module in spp_kernels grows past 600 lines (README, "Layout")."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "spp_kernels"
 # Lower number = lower tier; a module may import its own tier's siblings and anything below.
 TIERS = {
+    "compat": 0,
     "utils": 0,
     "sparsity": 1,
     "ops": 2,
@@ -19,13 +23,23 @@ TIERS = {
     "pruning": 4,
     "training": 4,
     "evaluate": 4,
-    "data": 4,
     "datasets": 1,
     "_version": 0,
     "lmeval_tasks": 1,
     "cli": 5,
 }
-TOP = 6  # spp_kernels/__init__.py, __main__.py, _compat.py: the public surface
+# Every module, by tier (a new module is added here on purpose; a stale name fails).
+MODULES = {
+    "compat": [""],
+    "utils": ["", "hf", "hyperparameters", "io", "lazy", "seeding", "shapes"],
+    "sparsity": ["", "nm", "packed", "semi_structured", "compressed", "sparse24", "report",
+                 "hf_quantizer", "hf_conversion"],
+    "ops": ["", "operand", "backends", "validation", "groups", "dropout", "reference", "chunked",
+            "torch_backend", "triton_backend", "linear", "merge"],
+    "adapters": ["", "config", "registration", "layer", "packed_layer", "dispatch", "model",
+                 "peft_model", "checkpoint", "authors"],
+}  # fmt: skip
+TOP = 6  # spp_kernels/__init__.py, __main__.py: the public surface
 MAX_LINES = 600
 
 
@@ -85,3 +99,28 @@ def test_modules_stay_small():
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_every_module_is_named_in_its_tier():
+    found = {m for _, m in _modules(PACKAGE, "spp_kernels")}
+    for tier, names in MODULES.items():
+        named = {f"spp_kernels.{tier}" + (f".{n}" if n else "") for n in names}
+        present = {
+            m for m in found if m == f"spp_kernels.{tier}" or m.startswith(f"spp_kernels.{tier}.")
+        }
+        assert named == present, (
+            f"{tier}: unnamed {sorted(present - named)}, stale {sorted(named - present)}"
+        )
+    tiers = {m.split(".")[1] for m in found if m.count(".")} - {"__main__"}
+    assert tiers <= set(TIERS), f"modules outside every tier: {sorted(tiers - set(TIERS))}"
+
+
+def test_kernel_tiers_import_without_the_hugging_face_stack():
+    code = (
+        "import sys, spp_kernels.ops, spp_kernels.sparsity.sparse24, spp_kernels.sparsity.packed\n"
+        "from spp_kernels.ops import spp_linear\n"
+        "heavy = sorted({'peft', 'transformers', 'accelerate'} & set(sys.modules))\n"
+        "assert not heavy, heavy"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

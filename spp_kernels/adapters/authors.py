@@ -33,7 +33,7 @@ from torch import nn
 
 from ..ops.groups import row_groups
 from .config import SPPConfig
-from .model import SPPModel
+from .peft_model import SPPModel
 
 __all__ = ["load_authors_checkpoint"]
 

@@ -1,6 +1,6 @@
-"""Adapter files: peft's layout written atomically, spp-kernels 0.1's read, states checked.
+"""Adapter files: peft's own writer made atomic, spp-kernels 0.1's read, states checked.
 
-peft layout (what `SPPModel.save_pretrained` writes and peft reads):
+peft layout (what peft's `save_pretrained` writes, through `save_adapter`, and peft reads):
   adapter_config.json        SPPConfig as JSON, "peft_type": "SPP", with `wrapped_modules`
                              (the exact module names) and `base_fingerprint`
   adapter_model.safetensors  "base_model.model.<module>.spp_alpha" (r, n) and ".spp_beta" (m,);
@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..utils.hf import check_finite
-from ..utils.io import atomic_save_safetensors, atomic_write_text
+from ..utils.io import apply_umask, fsync_dir, naming_errors
 from .config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LEGACY_CONFIG_NAME, SPPConfig
 
 PEFT_KEY_PREFIX = "base_model.model."
@@ -77,28 +80,40 @@ def check_adapter_state(
         )
 
 
-def write_peft_adapter(
-    directory: str | os.PathLike,
-    config: SPPConfig,
-    state: dict[str, torch.Tensor],
-) -> Path:
-    """Write peft's adapter layout for one adapter: `state` holds "<module>.alpha/.beta".
+def save_adapter(model: Any, directory: str | os.PathLike, **kwargs: Any) -> Path:
+    """peft's own `PeftModel.save_pretrained` (the one writer of adapter files), made atomic
+    around it: peft writes into a staging directory beside `directory`, then each file is
+    renamed over its destination (the weights files last: the commit point), following the
+    umask. A crash leaves every file either old or new, never half-written. `kwargs` go to
+    peft (selected_adapters, state_dict, is_main_process, ...; safetensors always). Under
+    torch.distributed every rank calls it (sharded adapters are gathered); rank 0 writes."""
+    from peft import PeftModel
 
-    The config JSON is written first, then the weights file (the commit point), each
-    atomically (temp file, fsync, rename), by rank 0 only under torch.distributed. Refuses
-    non-finite values before writing anything.
-    """
-    check_finite_state(state, "save_pretrained")
     directory = Path(directory)
-    if not _is_writer():
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for key, value in state.items():
-        module, part = key.rsplit(".", 1)
-        tensors[f"{PEFT_KEY_PREFIX}{module}.spp_{part}"] = value
-    atomic_write_text(directory / ADAPTER_CONFIG_NAME, config.to_json())
-    atomic_save_safetensors(tensors, directory / ADAPTER_WEIGHTS_NAME, {"format": "pt"})
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a directory")
+    kwargs["safe_serialization"] = True
+    writer = kwargs.get("is_main_process", True) and _is_writer()
+    kwargs["is_main_process"] = writer
+    parent = directory.parent if str(directory.parent) else Path(".")
+    if writer:
+        parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{directory.name}.save-", dir=parent if writer else None)
+    )
+    try:
+        with naming_errors(directory):
+            PeftModel.save_pretrained(model, str(staging), **kwargs)
+            if writer:
+                files = [f for f in staging.rglob("*") if f.is_file()]
+                for f in sorted(files, key=lambda f: f.name == ADAPTER_WEIGHTS_NAME):
+                    dest = directory / f.relative_to(staging)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    apply_umask(f)
+                    os.replace(f, dest)
+                fsync_dir(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

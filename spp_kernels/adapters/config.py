@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from peft import PeftConfig
 
-from ..ops.validation import BACKENDS, DEFAULT_DROPOUT, DEFAULT_R, DEFAULT_SCALE
-from .registration import SPP_PEFT_TYPE
+from ..ops.validation import BACKENDS
+from ..utils.hyperparameters import shared
+from .registration import SPP_PEFT_TYPE, ensure_tuner
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's name
@@ -45,6 +46,7 @@ LEGACY_CONFIG_NAME = "spp_config.json"  # spp-kernels 0.1.0's adapter directorie
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16", "float64")
 WEIGHT_FORMATS = ("dense", "nm", "auto")
+BIAS_MODES = ("none", "all", "spp_only")
 INITS = ("paper", "both_random", "alpha_zero")
 ALL_LINEAR = "all-linear"
 # |scale| beyond this is an error: merged weights W * (1 + scale * alpha * beta) overflow long
@@ -66,30 +68,27 @@ def _help(text: str) -> dict[str, str]:
 class SPPConfig(PeftConfig):
     """Configuration of SPP adapters (a peft config; JSON round trip with to_json/from_json)."""
 
-    r: int = field(default=DEFAULT_R, metadata=_help(
-        "Rows of each alpha (r, n); 1 <= r <= every targeted layer's out_features m."))  # fmt: skip
-    scale: float = field(default=DEFAULT_SCALE, metadata=_help(
-        "Multiplier of the adapter term (merged W = W * (1 + scale * alpha[g] * beta))."))  # fmt: skip
-    dropout: float = field(default=DEFAULT_DROPOUT, metadata=_help(
-        "Dropout rate on the adapter's input while training."))  # fmt: skip
+    r: int = field(**shared("r"))
+    scale: float = field(**shared("scale"))
+    dropout: float = field(**shared("dropout"))
     target_modules: list[str] | str | None = field(default_factory=_default_targets, metadata=_help(
         "Module-name suffixes ('q_proj' matches 'model.layers.0.self_attn.q_proj'), a regex "
         "matched against full names, or 'all-linear' (every nn.Linear but the output head). "
         "Default: LLaMA's seven projections, as in the paper."))  # fmt: skip
     exclude_modules: list[str] | str | None = field(default=None, metadata=_help(
         "Module names or a regex to leave out."))  # fmt: skip
-    init: str = field(default="paper", metadata=_help(
-        "'paper' (alpha ~ U(+-1/sqrt(n)), beta = 0: the wrapped model starts equal to the "
-        "pruned one), 'both_random' or 'alpha_zero' (the paper's ablation)."))  # fmt: skip
-    backend: str = field(default="auto", metadata=_help(
-        "SPP kernels: 'auto' (triton on CUDA), 'triton' or 'torch'."))  # fmt: skip
+    init: str = field(**shared("init"))
+    backend: str = field(**shared("backend"))
     adapter_dtype: str | None = field(default=None, metadata=_help(
         "None: peft's rule (float32 adapters on a float16/bfloat16 model, autocast_adapter_dtype), "
         "or 'float32', 'bfloat16', 'float16', 'float64'."))  # fmt: skip
-    weight_format: str = field(default="dense", metadata=_help(
-        "Frozen weights 'dense', 'nm' (kept N:M packed: values + metadata) or 'auto' (packed "
-        "where a layer is N:M sparse and packing saves bytes)."))  # fmt: skip
-    bias: str = field(default="none", metadata=_help("Biases are frozen: 'none' only."))
+    weight_format: str = field(**shared("weight_format"))
+    init_weights: bool = field(default=True, metadata=_help(
+        "peft's switch for an identity init: False makes init 'paper' start away from the "
+        "frozen layer ('both_random'); peft's generic tests use it."))  # fmt: skip
+    bias: str = field(default="none", metadata=_help(
+        "'none' (biases frozen), or peft's 'all' / 'spp_only' (train every bias / the biases "
+        "of the wrapped layers)."))  # fmt: skip
     layers_to_transform: list[int] | int | None = field(default=None, metadata=_help(
         "Only these decoder layer indices (peft's semantics)."))  # fmt: skip
     layers_pattern: list[str] | str | None = field(default=None, metadata=_help(
@@ -136,7 +135,18 @@ class SPPConfig(PeftConfig):
             _refuse_file_patterns(self)
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
+        if self.init_weights is False and self.init == "paper":
+            self.init = "both_random"
         self._validate()
+        ensure_tuner()
+
+    # peft's matching helpers read this attribute of every config; SPP wraps modules only.
+    target_parameters = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pickle and deepcopy skip __post_init__: the tuner must be registered all the same.
+        self.__dict__.update(state)
+        ensure_tuner()
 
     def _validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -176,7 +186,7 @@ class SPPConfig(PeftConfig):
             ("init", self.init, INITS),
             ("backend", self.backend, BACKENDS),
             ("weight_format", self.weight_format, WEIGHT_FORMATS),
-            ("bias", self.bias, ("none",)),
+            ("bias", self.bias, BIAS_MODES),
         ):
             if value not in allowed:
                 raise ValueError(f"SPPConfig: {name} must be one of {allowed}, got {value!r}")

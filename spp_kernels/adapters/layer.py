@@ -1,21 +1,29 @@
-"""SPPLinear: a peft tuner layer adding SPP adapters to a frozen (pruned) linear layer.
+"""SPP tuner layers: adapters on a frozen (pruned) linear layer, one class per base kind.
 
     W'[o, i] = W[o, i] * alpha[g(o), i] * beta[o],   g(o) = floor(o * r / m)
-    Y = X W^T + scale * Dropout(X) W'^T + bias
-    merged weight = W * (1 + scale * alpha[g(o), i] * beta[o])   (zeros of W stay zero)
+    Y = X W^T + sum_k scale_k * Dropout_k(X) W'_k^T + bias   (the active adapters k)
+    merged weight = W * (1 + sum_k scale_k * alpha_k[g(o), i] * beta_k[o])   (zeros stay zero)
 
 Shapes: W (m, n) = (out_features, in_features), frozen; alpha (r, n); beta (m,).
 
-A `peft` BaseTunerLayer: `base_layer` is the frozen nn.Linear (or a `PackedLinear` holding
-an N:M weight packed), adapters live in `spp_alpha` / `spp_beta` ParameterDicts keyed by
-adapter name. The forward is one fused SPP op (`spp_kernels.spp_linear` or
-`spp_linear_packed`): the base product and the active adapter's term in one call.
-`merge()` / `unmerge()` change the base weight in place and keep the frozen original
-aside, so unmerging restores it exactly (no division).
+As peft's LoRA: `SPPLayer` holds what every base kind shares (the adapters in the
+`spp_alpha` / `spp_beta` ParameterDicts and every per-adapter setting in a dict keyed by
+adapter name: r, scale, dropout, init, backend, explicit dtype), and a class per base kind
+knows its frozen weight:
 
-`SPPLinear.from_linear(linear, r=16, ...)` and `SPPLinear(in_features, out_features, ...)`
-build a layer with one adapter ("default") outside peft, with `alpha`, `beta`, `r`,
-`scale` and `dropout` as attributes of that adapter.
+* `SPPLinear`: an nn.Linear base, W dense (a Parameter shared with the wrapped layer);
+* `SPPPackedLinear` (packed_layer.py): a `PackedLinear` base, W kept N:M packed.
+
+`spp_kernels.adapters.dispatch` chooses the class for a target (`DISPATCHERS`, tried in
+order, as peft's LoRA dispatches between its Linear, bnb and other layers). The forward is one SPP op per active adapter, the frozen weight
+passed as its operand (`frozen_operand`): the first adapter's call includes X W^T, the
+others add their term alone. `merge()` / `unmerge()` change the frozen weight in place and
+keep the original aside, so unmerging restores it exactly (no division).
+
+Outside peft: `SPPLinear.from_linear(linear, r=16, ...)` or
+`SPPLinear.standalone(in_features, out_features, bias=True, ...)` (also spelled
+`SPPLinear(in_features, out_features, ...)`, spp-kernels 0.1's form) give a layer with one
+adapter ("default") whose `alpha`, `beta`, `r`, `scale` and `dropout` read that adapter.
 """
 
 from __future__ import annotations
@@ -23,18 +31,20 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from abc import ABCMeta
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..ops import spp_linear, spp_linear_packed
+from ..ops import spp_linear
 from ..ops.merge import merged_weight_many
-from ..ops.validation import DEFAULT_DROPOUT, DEFAULT_R, DEFAULT_SCALE, check_backend
-from ..sparsity.nm import is_nm, nm_gather_values, nm_packed_nbytes, nm_pattern
-from ..sparsity.packed import PackedLinear, PackedWeight
-from .config import INITS, WEIGHT_FORMATS, SPPConfig
+from ..ops.operand import FrozenWeight
+from ..ops.validation import DEFAULT_DROPOUT, DEFAULT_R, DEFAULT_SCALE
+from ..sparsity.nm import nm_pattern
+from ..sparsity.packed import PackedWeight
+from .config import SPPConfig
 
 logger = logging.getLogger(__name__)
 DEFAULT_ADAPTER = "default"
@@ -46,36 +56,21 @@ def _uniform_fan_in(t: torch.Tensor, fan_in: int) -> None:
     nn.init.uniform_(t, -bound, bound)
 
 
-class SPPLinear(nn.Module, BaseTunerLayer):
-    """y = x W^T + scale * Dropout(x) W'^T + b with frozen W and trainable alpha, beta.
+class SPPLayer(BaseTunerLayer):
+    """The adapter logic of every SPP layer, whatever its base kind (see the module doc).
 
-    Args (peft form): base_layer (nn.Linear, or PackedLinear), adapter_name, config.
-    Args (standalone form, spp-kernels 0.1): in_features, out_features, bias=True, r=16,
-        scale=2.0, dropout=0.05, init="paper", backend="auto", device, dtype, adapter_dtype;
-        a fresh frozen nn.Linear becomes the base layer.
-
-    Attributes: weight_format "dense" or "nm" (packed base; then `weight` is None and
-    `weight_values` / `weight_meta` hold it), nm (N, M) or None, backend.
+    A subclass (SPPLayer before nn.Module, so that this class's forward, extra_repr and
+    _load_from_state_dict win over nn.Module's) provides the frozen weight: `frozen_operand()`
+    (the op's operand), `dense_weight()` (W (m, n)), `_frozen_storage()` / `_set_frozen_storage`
+    (what merge changes in place) and `_merged_storage(merged_dense)`.
     """
 
     adapter_layer_names = ("spp_alpha", "spp_beta")
-    other_param_names = ("spp_r", "spp_scale", "spp_dropout", "spp_init")
+    other_param_names = (
+        "spp_r", "spp_scale", "spp_dropout", "spp_init", "spp_backend", "spp_adapter_dtype",
+    )  # fmt: skip
 
-    def __init__(
-        self,
-        base_layer: nn.Module | int,
-        adapter_name: str | int = DEFAULT_ADAPTER,
-        config: SPPConfig | bool | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if isinstance(base_layer, int):  # the standalone (0.1) constructor
-            base_layer, adapter_name, config = _standalone(base_layer, adapter_name, config, kwargs)
-        super().__init__()
-        if not isinstance(base_layer, (nn.Linear, PackedLinear)):
-            raise TypeError(
-                f"SPPLinear wraps nn.Linear (or a PackedLinear), got {type(base_layer).__name__}"
-            )
-        config = SPPConfig() if config is None else config
+    def _init_adapters(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.spp_alpha = nn.ParameterDict({})
@@ -84,45 +79,46 @@ class SPPLinear(nn.Module, BaseTunerLayer):
         self.spp_scale: dict[str, float] = {}
         self.spp_dropout: dict[str, float] = {}
         self.spp_init: dict[str, str] = {}
+        self.spp_backend: dict[str, str] = {}
+        self.spp_adapter_dtype: dict[str, torch.dtype | None] = {}
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._unmerged: torch.Tensor | None = None  # the frozen storage while merged
         # Adapters made on the meta device: initialised once materialised (to_empty), at the
         # first forward or by reset_parameters(), unless a state dict loads them first.
         self._uninitialised: set[str] = set()
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.backend = config.backend
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self._active_adapter = adapter_name
-        self._unmerged: torch.Tensor | None = None  # the frozen weight while merged
-        self.update_layer(adapter_name, config)
 
     # ---- adapters ---------------------------------------------------------------------
 
     def update_layer(self, adapter_name: str, config: SPPConfig, **kwargs: Any) -> None:
-        """Add (or replace) adapter `adapter_name`: alpha (r, n), beta (m,) per `config`."""
+        """Add (or replace) adapter `adapter_name`: alpha (r, n), beta (m,) per `config` (an
+        SPPConfig, already validated)."""
         if config.r > self.out_features:
             raise ValueError(f"SPPLinear: r={config.r} exceeds out_features={self.out_features}")
-        check_backend(config.backend)
-        device = self._frozen().device
-        dtype = config.torch_adapter_dtype or self._frozen().dtype
-        if device.type == "meta" or not dtype.is_floating_point:
-            dtype = dtype if dtype.is_floating_point else torch.float32
+        frozen = self.frozen_operand()
+        dtype = config.torch_adapter_dtype or frozen.dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
         self.spp_alpha[adapter_name] = nn.Parameter(
-            torch.empty(config.r, self.in_features, device=device, dtype=dtype)
+            torch.empty(config.r, self.in_features, device=frozen.device, dtype=dtype)
         )
         self.spp_beta[adapter_name] = nn.Parameter(
-            torch.empty(self.out_features, device=device, dtype=dtype)
+            torch.empty(self.out_features, device=frozen.device, dtype=dtype)
         )
         self.spp_r[adapter_name] = config.r
         self.spp_scale[adapter_name] = float(config.scale)
         self.spp_dropout[adapter_name] = float(config.dropout)
         self.spp_init[adapter_name] = config.init
-        self.backend = config.backend
+        self.spp_backend[adapter_name] = config.backend
+        self.spp_adapter_dtype[adapter_name] = config.torch_adapter_dtype
         self.reset_adapter(config.init, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
         # Every load path (peft's set_peft_model_state_dict, transformers' load_adapter,
-        # load_state_dict) ends here: an integer alpha/beta would be cast silently.
+        # load_state_dict) ends here: an integer alpha/beta would be cast silently, and a
+        # wrong shape would fail without naming the tensor.
         for key, value in state_dict.items():
             if not key.startswith(prefix + "spp_"):
                 continue
@@ -146,11 +142,25 @@ class SPPLinear(nn.Module, BaseTunerLayer):
             ):
                 self._uninitialised.discard(name)
 
+    def _move_adapter_to_device_of_base_layer(
+        self, adapter_name: str, device: torch.device | None = None
+    ) -> None:
+        """peft's move (to the base layer's device and dtype), then an explicit adapter dtype
+        (SPPConfig.adapter_dtype) restored: it is what the user asked for."""
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        dtype = self.spp_adapter_dtype.get(adapter_name)
+        for params in (self.spp_alpha, self.spp_beta):
+            p = params[adapter_name] if adapter_name in params else None  # noqa: SIM401
+            if dtype is not None and p is not None and p.dtype != dtype:
+                params[adapter_name] = nn.Parameter(p.detach().to(dtype), p.requires_grad)
+
     @torch.no_grad()
     def reset_adapter(self, init: str = "paper", adapter_name: str | None = None) -> None:
         """Re-initialise an adapter's alpha and beta with one of INITS (the paper's
         ablation): "paper" alpha ~ U(+-1/sqrt(n)), beta = 0 (the layer equals the frozen
         one); "both_random"; "alpha_zero"."""
+        from .config import INITS
+
         if init not in INITS:
             raise ValueError(f"SPPLinear: init must be one of {INITS}, got {init!r}")
         name = adapter_name or self._single_adapter()
@@ -180,50 +190,18 @@ class SPPLinear(nn.Module, BaseTunerLayer):
             if self.spp_alpha[name].device.type != "meta":
                 self.reset_adapter(self.spp_init.get(name, "paper"), name)
 
+    def _active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.spp_alpha]
+
     def _single_adapter(self) -> str:
-        active = [a for a in self.active_adapters if a in self.spp_alpha]
+        active = self._active()
         if len(active) != 1:
             raise ValueError(
-                f"SPPLinear: {len(active)} active adapters ({active}); SPP runs one adapter at "
-                "a time: set_adapter(name) first"
+                f"SPPLinear: {len(active)} active adapters ({active}); alpha, beta, r, scale "
+                "and dropout name one adapter: set_adapter(name) first, or read "
+                "spp_alpha[name] and the other per-adapter dicts"
             )
         return active[0]
-
-    # ---- the frozen weight ------------------------------------------------------------
-
-    def _frozen(self) -> torch.Tensor:
-        base = self.base_layer
-        return base.weight_values if isinstance(base, PackedLinear) else base.weight
-
-    @property
-    def weight_format(self) -> str:
-        return "nm" if isinstance(self.base_layer, PackedLinear) else "dense"
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        return self.base_layer.nm if isinstance(self.base_layer, PackedLinear) else None
-
-    @property
-    def weight_values(self) -> torch.Tensor:
-        return self._packed_base().weight_values
-
-    @property
-    def weight_meta(self) -> torch.Tensor:
-        return self._packed_base().weight_meta
-
-    def _packed_base(self) -> PackedLinear:
-        if not isinstance(self.base_layer, PackedLinear):
-            raise ValueError("SPPLinear: this layer's weight is dense")
-        return self.base_layer
-
-    def packed_weight(self) -> PackedWeight:
-        """The frozen weight as a PackedWeight (views of the buffers); only when packed."""
-        return self._packed_base().packed_weight()
-
-    def dense_weight(self) -> torch.Tensor:
-        """The frozen weight W (m, n): the Parameter itself, or decompressed (a new tensor)."""
-        base = self.base_layer
-        return base.dense_weight() if isinstance(base, PackedLinear) else base.weight
 
     # ---- the one-adapter view of the standalone layer ---------------------------------
 
@@ -255,6 +233,19 @@ class SPPLinear(nn.Module, BaseTunerLayer):
     def dropout(self, value: float) -> None:
         self.spp_dropout[self._single_adapter()] = float(value)
 
+    @property
+    def backend(self) -> str:
+        """The kernels of the active adapter ("auto", "triton", "torch")."""
+        return self.spp_backend[self._single_adapter()]
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        from ..ops.validation import check_backend
+
+        check_backend(value)
+        for name in self._active():
+            self.spp_backend[name] = value
+
     # ---- forward ----------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -264,25 +255,19 @@ class SPPLinear(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.spp_alpha]
+        active = self._active()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        name = self._single_adapter()
-        kw = dict(
-            scale=self.spp_scale[name],
-            dropout_p=self.spp_dropout[name],
-            training=self.training,
-            backend=self.backend,
-        )
-        base = self.base_layer
-        if isinstance(base, PackedLinear):
-            weight = base.packed_weight()
-            return spp_linear_packed(
-                x, weight, self.spp_alpha[name], self.spp_beta[name], base.bias, **kw
-            )
-        return spp_linear(
-            x, base.weight, self.spp_alpha[name], self.spp_beta[name], base.bias, **kw
-        )
+        weight, bias = self.frozen_operand(), self.base_layer.bias
+        y = None
+        for k, name in enumerate(active):
+            term = spp_linear(
+                x, weight, self.spp_alpha[name], self.spp_beta[name], bias if k == 0 else None,
+                scale=self.spp_scale[name], dropout_p=self.spp_dropout[name],
+                training=self.training, backend=self.spp_backend[name], with_base=k == 0,
+            )  # fmt: skip
+            y = term if y is None else y + term
+        return y
 
     # ---- merge ------------------------------------------------------------------------
 
@@ -295,31 +280,39 @@ class SPPLinear(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge adapters into the base weight in place (peft semantics):
+        """Merge adapters into the frozen weight in place (peft semantics):
         W <- W * (1 + sum_k scale_k alpha_k[g] beta_k), zeros kept bitwise; the frozen W is
         kept aside so `unmerge()` restores it exactly. Returns the base layer.
 
-        safe_merge: check the merged weight is finite first (ValueError naming the count).
+        Non-finite merged weights are refused whatever `safe_merge` says (ValueError with
+        peft's message, nothing changed).
         (spp-kernels 0.1's merge() returned a new nn.Linear and left the layer unchanged:
         that is `merged_linear()` now.)
         """
         names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.spp_alpha]
         if not names:
             return self.base_layer
-        base = self.base_layer
-        frozen_dense = self._unmerged_dense()
-        merged = self._merged_dense(frozen_dense, self.merged_adapters + names)
-        bad = int((~torch.isfinite(merged)).sum())
-        if safe_merge and bad:
-            raise ValueError(f"SPPLinear.merge: {bad} non-finite merged weights; nothing merged")
+        merged = self.checked_merge(names)
         if self._unmerged is None:
-            self._unmerged = self._frozen().data
-        if isinstance(base, PackedLinear):
-            base.weight_values = nm_gather_values(merged, base.weight_meta, *base.nm)
-        else:
-            base.weight.data = merged
+            self._unmerged = self._frozen_storage()
+        self._set_frozen_storage(self._merged_storage(merged))
         self.merged_adapters.extend(names)
-        return base
+        return self.base_layer
+
+    @torch.no_grad()
+    def checked_merge(self, names: list[str], where: str = "") -> torch.Tensor:
+        """The dense (m, n) weight with adapters `names` merged on top of those already
+        merged (a transient of this call); ValueError in peft's words when any value is not
+        finite (`where` names the layer in the message)."""
+        merged = self._merged_dense(self._unmerged_dense(), self.merged_adapters + names)
+        bad = int((~torch.isfinite(merged)).sum())
+        if bad:
+            place = f" in layer {where}" if where else ""
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to "
+                f"be broken ({bad} non-finite weights{place}); nothing was merged"
+            )
+        return merged
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -327,21 +320,17 @@ class SPPLinear(nn.Module, BaseTunerLayer):
         if not self.merged:
             warnings.warn("SPPLinear.unmerge: already unmerged, nothing to do", stacklevel=2)
             return
-        base = self.base_layer
-        if isinstance(base, PackedLinear):
-            base.weight_values = self._unmerged
-        else:
-            base.weight.data = self._unmerged
+        self._set_frozen_storage(self._unmerged)
         self._unmerged = None
         self.merged_adapters.clear()
 
     @torch.no_grad()
     def merged_weight(self, packed: bool = False) -> torch.Tensor | PackedWeight:
-        """W + scale * W' of the active adapter, (m, n) in W's dtype, zeros kept bitwise; the
-        layer is not changed. packed=True returns it as a PackedWeight with the layer's N:M
-        pattern (for a dense layer, the sparsest pattern its weight satisfies)."""
+        """W + scale * W' of the active adapters, (m, n) in W's dtype, zeros kept bitwise;
+        the layer is not changed. packed=True returns it as a PackedWeight with the layer's
+        N:M pattern (for a dense layer, the sparsest pattern its weight satisfies)."""
         w = self._unmerged_dense()
-        merged = self._merged_dense(w, [self._single_adapter()])
+        merged = self._merged_dense(w, self._active())
         if not packed:
             return merged
         pattern = self.nm or nm_pattern(w)
@@ -352,29 +341,11 @@ class SPPLinear(nn.Module, BaseTunerLayer):
             )
         return PackedWeight.from_dense(merged, *pattern)
 
-    def _unmerged_dense(self) -> torch.Tensor:
-        if self._unmerged is None:
-            return self.dense_weight()
-        base = self.base_layer
-        if isinstance(base, PackedLinear):
-            return PackedWeight(
-                self._unmerged, base.weight_meta, *base.nm, base.in_features
-            ).dense()
-        return self._unmerged
-
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
-        """A new plain nn.Linear holding the dense merged weight of the active adapter (same
+        """A new plain nn.Linear holding the dense merged weight of the active adapters (same
         zero pattern, bitwise); the layer is not changed."""
-        w = self.merged_weight()
-        bias = self.base_layer.bias
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=bias is not None, device="meta", dtype=w.dtype
-        )
-        linear.weight = nn.Parameter(w, requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        return linear.train(self.training)
+        return _linear(self.merged_weight(), self.base_layer.bias, self.training)
 
     def unload_and_optionally_merge_module(
         self, merge: bool = True, safe_merge: bool = False, adapter_names: list[str] | None = None
@@ -383,26 +354,18 @@ class SPPLinear(nn.Module, BaseTunerLayer):
         base nn.Linear (merged if `merge`), a packed base decompressed into one."""
         if merge:
             self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        base = self.base_layer
         self._unmerged = None
-        if isinstance(base, PackedLinear):
-            linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
-                               device="meta", dtype=base.weight_values.dtype)  # fmt: skip
-            linear.weight = nn.Parameter(base.dense_weight(), requires_grad=False)
-            if base.bias is not None:
-                linear.bias = nn.Parameter(base.bias.detach(), requires_grad=False)
-            return linear.train(self.training)
-        return base
+        return self._unloaded_base()
 
     # ---- info -------------------------------------------------------------------------
 
+    weight_format = "dense"
+    nm: tuple[int, int] | None = None
+
     def sparsity(self) -> float:
         """Fraction of exact zeros in the frozen weight."""
-        if isinstance(self.base_layer, PackedLinear):
-            nonzeros = int(torch.count_nonzero(self.base_layer.weight_values))
-            return 1.0 - nonzeros / (self.out_features * self.in_features)
-        w = self.base_layer.weight
-        return float((w == 0).sum()) / w.numel()
+        w = self._frozen_storage()
+        return 1.0 - int(torch.count_nonzero(w)) / (self.out_features * self.in_features)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(
@@ -419,7 +382,83 @@ class SPPLinear(nn.Module, BaseTunerLayer):
     def __repr__(self) -> str:
         return "spp." + super().__repr__()
 
-    # ---- construction from a linear layer ---------------------------------------------
+    def _unmerged_dense(self) -> torch.Tensor:
+        """The frozen W (m, n), dense, as it was before any merge."""
+        if self._unmerged is None:
+            return self.dense_weight()
+        return self._dense_of(self._unmerged)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, training: bool) -> nn.Linear:
+    """A plain frozen nn.Linear holding `weight` (m, n) and a copy of `bias`."""
+    linear = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype
+    )
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return linear.train(training)
+
+
+class _StandaloneForm(ABCMeta):
+    """Lets `SPPLinear(in_features, out_features, ...)` (spp-kernels 0.1's constructor) build
+    a standalone layer, while `SPPLinear(base_layer, adapter_name, config)` stays peft's."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+            return cls.standalone(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class SPPLinear(SPPLayer, nn.Module, metaclass=_StandaloneForm):
+    """SPP adapters on a dense nn.Linear: y = x W^T + scale * Dropout(x) W'^T + b.
+
+    Args (peft's form): base_layer (nn.Linear), adapter_name, config (SPPConfig).
+    Standalone: `SPPLinear.from_linear(linear, r=16, ...)`, `SPPLinear.standalone(...)`.
+    Attributes: weight_format "dense" ("nm" for SPPPackedLinear), nm (N, M) or None.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str = DEFAULT_ADAPTER,
+        config: SPPConfig | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self._check_base(base_layer)
+        self._init_adapters(base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, SPPConfig() if config is None else config)
+
+    @staticmethod
+    def _check_base(base_layer: nn.Module) -> None:
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"SPPLinear wraps nn.Linear, got {type(base_layer).__name__}")
+
+    # ---- the frozen weight (dense) ----------------------------------------------------
+
+    def frozen_operand(self) -> FrozenWeight:
+        """W as the SPP op takes it: the frozen Parameter itself."""
+        return self.base_layer.weight
+
+    def dense_weight(self) -> torch.Tensor:
+        """The frozen weight W (m, n) (the Parameter itself)."""
+        return self.base_layer.weight
+
+    def _frozen_storage(self) -> torch.Tensor:
+        return self.base_layer.weight.data
+
+    def _set_frozen_storage(self, value: torch.Tensor) -> None:
+        self.base_layer.weight.data = value
+
+    def _merged_storage(self, merged_dense: torch.Tensor) -> torch.Tensor:
+        return merged_dense
+
+    def _dense_of(self, storage: torch.Tensor) -> torch.Tensor:
+        return storage
+
+    def _unloaded_base(self) -> nn.Module:
+        return self.base_layer
+
+    # ---- construction outside peft ----------------------------------------------------
 
     @classmethod
     def from_linear(
@@ -440,9 +479,9 @@ class SPPLinear(nn.Module, BaseTunerLayer):
 
         weight_format:
             "dense": the linear itself becomes the base layer (weight and bias shared).
-            "nm": the weight is stored packed (a PackedLinear base) with the N:M pattern `nm`,
-                or the sparsest one it satisfies when `nm` is None; ValueError if it is not
-                N:M sparse. The layer does not keep the dense weight.
+            "nm": the weight is stored packed (an SPPPackedLinear over a PackedLinear) with
+                the N:M pattern `nm`, or the sparsest one it satisfies when `nm` is None;
+                ValueError if it is not N:M sparse. The layer does not keep the dense weight.
             "auto": as "nm" when the weight satisfies `nm` (or some N:M pattern) and packing
                 saves bytes, as "dense" otherwise (the choice is logged at INFO level).
         """
@@ -452,101 +491,45 @@ class SPPLinear(nn.Module, BaseTunerLayer):
             r=r, scale=scale, dropout=dropout, init=init, backend=backend,
             adapter_dtype=adapter_dtype, weight_format=weight_format,
         )  # fmt: skip
-        base = packed_base(linear, weight_format, nm)
-        return cls(base, adapter_name, config).train(linear.training)
+        from .dispatch import new_layer
 
+        layer = new_layer(linear, adapter_name, config, nm=nm)
+        return layer.train(linear.training)
 
-def packed_base(
-    linear: nn.Linear, weight_format: str, nm: tuple[int, int] | None = None
-) -> nn.Module:
-    """The base layer an SPP adapter wraps for `weight_format`: `linear` itself, or a
-    PackedLinear with its weight packed (see SPPLinear.from_linear)."""
-    if weight_format not in WEIGHT_FORMATS:
-        raise ValueError(
-            f"SPPLinear.from_linear: weight_format must be one of {WEIGHT_FORMATS}, "
-            f"got {weight_format!r}"
-        )
-    w = linear.weight
-    pattern = _packing_pattern(w.data, weight_format, nm)
-    if weight_format != "dense":
-        shape = f"{tuple(w.shape)} {w.dtype} weight"
-        if pattern is None:
-            logger.info(
-                "SPPLinear.from_linear: kept the %s dense (not N:M sparse, or packing saves "
-                "no bytes)",
-                shape,
-            )
-        else:
-            fraction = nm_packed_nbytes(*w.shape, *pattern, w.dtype) / (
-                w.numel() * w.element_size()
-            )
-            logger.info(
-                "SPPLinear.from_linear: packed the %s as %d:%d, %.1f%% of its dense bytes",
-                shape, *pattern, 100 * fraction,
-            )  # fmt: skip
-    if pattern is None:
-        return linear
-    return PackedLinear.from_linear(linear, *pattern).train(linear.training)
-
-
-def _packing_pattern(
-    weight: torch.Tensor, weight_format: str, nm: tuple[int, int] | None
-) -> tuple[int, int] | None:
-    """The (N, M) to pack `weight` with for `weight_format`, or None to keep it dense."""
-    if nm is not None and (
-        not isinstance(nm, tuple) or len(nm) != 2 or not all(isinstance(v, int) for v in nm)
-    ):
-        raise ValueError(f"SPPLinear.from_linear: nm must be a tuple (N, M) of ints, got {nm!r}")
-    if weight_format == "dense":
-        return None
-    if weight_format == "nm":
-        pattern = nm or nm_pattern(weight)
-        if pattern is None:
+    @classmethod
+    def standalone(
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = DEFAULT_R,
+        scale: float = DEFAULT_SCALE,
+        dropout: float = DEFAULT_DROPOUT,
+        init: str = "paper",
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        adapter_dtype: torch.dtype | str | None = None,
+    ) -> SPPLinear:
+        """A fresh frozen nn.Linear (in_features -> out_features, kaiming init, zero bias)
+        with one SPP adapter "default"; every value is checked by SPPConfig."""
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SPPLinear: {name} must be an int >= 1, got {value!r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(
-                f"SPPLinear.from_linear: weight_format='nm' but the {tuple(weight.shape)} weight "
-                "is not N:M sparse for any M in (4, 8) dividing in_features; prune it first or "
-                "use weight_format='auto'"
+                f"SPPLinear: r must be an int in [1, out_features={out_features}], got {r!r}"
             )
-        return pattern  # nm_compress names the first offending group if `nm` does not hold
-    pattern = nm if nm is not None and is_nm(weight, *nm) else None
-    pattern = pattern or (nm_pattern(weight) if nm is None else None)
-    if pattern is None:
-        return None
-    packed_bytes = nm_packed_nbytes(*weight.shape, *pattern, weight.dtype)
-    return pattern if packed_bytes < weight.numel() * weight.element_size() else None
-
-
-def _standalone(in_features, out_features, bias, kwargs) -> tuple[nn.Linear, str, SPPConfig]:
-    """SPPLinear(in_features, out_features, bias=True, *, r, scale, dropout, init, backend,
-    device, dtype, adapter_dtype): a fresh frozen nn.Linear (kaiming init) with one adapter."""
-    if not isinstance(out_features, int) or in_features < 1 or out_features < 1:
-        raise ValueError(
-            f"SPPLinear: in_features and out_features must be >= 1, got {in_features}, "
-            f"{out_features}"
-        )
-    r = kwargs.pop("r", DEFAULT_R)
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= out_features:
-        raise ValueError(
-            f"SPPLinear: r must be an int in [1, out_features={out_features}], got {r!r}"
-        )
-    scale = kwargs.pop("scale", DEFAULT_SCALE)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"SPPLinear: scale must be a finite number, got {scale!r}")
-    dropout = kwargs.pop("dropout", DEFAULT_DROPOUT)
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"SPPLinear: dropout must be in [0, 1), got {dropout!r}")
-    init = kwargs.pop("init", "paper")
-    if init not in INITS:
-        raise ValueError(f"SPPLinear: init must be one of {INITS}, got {init!r}")
-    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-    config = SPPConfig(
-        r=r, scale=scale, dropout=dropout, init=init, backend=kwargs.pop("backend", "auto"),
-        adapter_dtype=kwargs.pop("adapter_dtype", None),
-    )  # fmt: skip
-    if kwargs:
-        raise TypeError(f"SPPLinear: unexpected arguments {sorted(kwargs)}")
-    linear = nn.Linear(in_features, out_features, bias=True if bias is None else bool(bias),
-                       device=device, dtype=dtype)  # fmt: skip
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
-    return linear, DEFAULT_ADAPTER, config
+        config = SPPConfig(
+            r=r, scale=scale, dropout=dropout, init=init, backend=backend,
+            adapter_dtype=adapter_dtype,
+        )  # fmt: skip
+        if config.r > out_features:
+            raise ValueError(
+                f"SPPLinear: r must be an int in [1, out_features={out_features}], got {config.r}"
+            )
+        linear = nn.Linear(in_features, out_features, bias=bool(bias), device=device, dtype=dtype)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+        return cls(linear, DEFAULT_ADAPTER, config)

@@ -1,300 +1,359 @@
-"""SPPModel and get_spp_model: SPP adapters on a (pruned) Hugging Face model through peft.
+"""SPPTuner: the peft BaseTuner of SPP (registered as the "SPP" method, prefix "spp_"),
+in the module peft gives every method's tuner (`tuners/<method>/model.py`).
 
-SPP is a peft method (see spp_kernels.adapters.registration), so peft's own API works:
+peft's injection logic (target matching, exclude_modules, layers_to_transform,
+modules_to_save, merge / unmerge / unload, adapter switching, state-dict keys) is reused;
+this class adds what SPP needs on top:
 
-    model = peft.get_peft_model(pruned_llama, SPPConfig(r=16))   # nn.Linear -> SPPLinear
-    ...train (only every layer's alpha (r, n) and beta (m,) are trainable)...
-    model.save_pretrained("adapter/")          # adapter_config.json + adapter_model.safetensors
-    merged = model.merge_and_unload()          # plain nn.Linear, W * (1 + s*alpha[g]*beta)
-
-`SPPModel` (a `peft.PeftModel`) and `get_spp_model` are the spp-kernels 0.1 entry points,
-kept as thin compatibility layers on top: the same object with the old helpers
-(`spp_layers`, `trainable_parameters`, `adapter_state_dict`, ...), an atomic
-`save_pretrained` that refuses non-finite adapters, and `from_pretrained` that also reads
-0.1 adapter directories (`spp_config.json`, with a deprecation warning).
-
-Every zero of a frozen weight W stays zero, bitwise, through training and merging, because
-the learnt update is the elementwise product W' = W * alpha[g(o)] * beta[o].
+* every check before any module changes (`inject_adapter`): each target is an nn.Linear
+  that SPP can wrap (an explicitly named target of another type, or a linear that
+  nn.MultiheadAttention reads directly, is refused), r <= its out_features, packable when
+  weight_format is "nm", and the frozen weights match the adapter's `base_fingerprint`;
+* the layer class per base kind, chosen by the dispatchers of `layer`;
+* the record of what was wrapped: `wrapped_modules` (exact names) and `base_fingerprint`
+  (shapes and zero-mask hashes) go into the config, hence into adapter_config.json;
+* unloading keeps the merged (or restored) plain module as is, a packed base decompressed;
+* `adapter_dtype`: an explicit adapter dtype is kept (peft would upcast it to float32),
+  and peft 0.21's upcast no longer unfreezes inactive adapters;
+* saving refuses adapters that were merged away or hold non-finite values, and mixed
+  adapter batches (`adapter_names=`) are refused: every row of a batch uses the active
+  adapters.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-from pathlib import Path
-from typing import Any, NamedTuple
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from typing import Any
 
 import torch
-from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .checkpoint import (
-    check_adapter_state,
-    is_legacy_adapter_dir,
-    read_adapter_config,
-    read_legacy_adapter,
-    write_peft_adapter,
-)
-from .config import SPPConfig
+from ..ops.dropout import pack_keep_mask
+from ..sparsity.packed import PackedLinear
+from ..utils.hf import check_finite
+from .config import ALL_LINEAR, LLAMA_TARGET_MODULES, SPPConfig
+from .dispatch import _packing_pattern, new_layer
 from .layer import SPPLinear
-from .tuner import find_targets
+from .registration import PREFIX
 
-__all__ = ["ParameterCount", "SPPModel", "find_targets", "get_spp_model"]
-
-
-class ParameterCount(NamedTuple):
-    """Trainable and total parameter counts (numel)."""
-
-    trainable: int
-    total: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
+# The default targets per transformers model type (peft's target_module_mapping), used when
+# a config gives target_modules=None.
+TARGETS_BY_MODEL_TYPE = {
+    model_type: list(LLAMA_TARGET_MODULES)
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+}
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A regular tensor holding all of `t` (gathers an FSDP2 / DTensor shard: a collective)."""
-    full_tensor = getattr(t, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else t
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            return get()
+        except (NotImplementedError, AttributeError):
+            return None
+    return None
 
 
-class SPPModel(PeftModel):
-    """A model whose targeted nn.Linear layers are SPPLinear; everything else frozen.
+def _unsupported(module: nn.Module, parent: nn.Module | None) -> str | None:
+    """Why SPP cannot wrap `module`, or None when it can."""
+    if isinstance(module, SPPLinear):
+        return None
+    if not isinstance(module, nn.Linear):
+        return f"{type(module).__name__}: only `torch.nn.Linear` is supported"
+    if isinstance(parent, nn.MultiheadAttention):
+        return (
+            "a projection of nn.MultiheadAttention, which reads its weight directly: an "
+            "adapter there would never be applied"
+        )
+    return None
 
-    A `peft.PeftModel` (forward, generate, save_pretrained, merge_and_unload, disable_adapter,
-    add_adapter / set_adapter, ... work as for any peft method), plus the spp-kernels helpers.
-    `get_spp_model(model, config)` is `SPPModel(model, config)`.
+
+def find_targets(model: nn.Module, config: SPPConfig) -> dict[str, nn.Module]:
+    """The modules of `model` that `config` targets (nn.Linear, or SPPLinear layers that get
+    another adapter), by full name, in module order; modules inside SPP layers are skipped.
+
+    A module named in a target_modules list that SPP cannot wrap is an error naming it and
+    its type (peft's message); with a regex or "all-linear" such modules are skipped.
+    ValueError when nothing matches, naming the model's linear layers.
     """
+    if config.target_modules is None:
+        raise ValueError("Please specify `target_modules` in `peft_config`")
+    head = _output_head(model) if config.target_modules == ALL_LINEAR else None
+    inner = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+    modules = dict(model.named_modules())
+    explicit = isinstance(config.target_modules, list)
+    targets: dict[str, nn.Module] = {}
+    unsupported: list[str] = []
+    for name, module in model.named_modules():
+        if not name or name.startswith(inner) or not config.matches(name):
+            continue
+        if config.target_modules == ALL_LINEAR and (module is head or name == "lm_head"):
+            continue
+        reason = _unsupported(module, modules.get(name.rpartition(".")[0]))
+        if reason is None:
+            targets[name] = module
+        elif explicit:
+            raise ValueError(f"Target module {name} is not supported: {reason}.")
+        elif isinstance(module, nn.Linear) or len(module._modules) == 0:
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if not targets:
+        suffixes = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        msg = (
+            f"get_spp_model: target_modules={config.target_modules!r} matched no nn.Linear in "
+            f"{type(model).__name__}; its nn.Linear layers are named ...{suffixes}"
+        )
+        if unsupported:
+            msg += f"; matched but not supported: {unsupported[:5]}"
+        raise ValueError(msg)
+    return targets
 
-    def __init__(
+
+def _frozen_of(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+# Rows of each frozen weight whose values enter the fingerprint (evenly spaced): enough to
+# see a merge (it rescales every row with a nonzero beta) at a cost of a few KB per layer.
+FINGERPRINT_ROWS = 8
+
+
+def _frozen_weight(module: nn.Module) -> torch.Tensor:
+    """The unmerged frozen weight W (m, n) of a plain or wrapped linear (dense)."""
+    if isinstance(module, SPPLinear):
+        return module._unmerged_dense()
+    base = _frozen_of(module)
+    return base.dense_weight() if isinstance(base, PackedLinear) else base.weight
+
+
+def base_fingerprint(module: nn.Module) -> str | None:
+    """'m x n:<mask hash>:<values hash>' of a (wrapped) linear's frozen weight, or None on the
+    meta device: 16 hex digits of the sha256 of the packed zero mask, then of FINGERPRINT_ROWS
+    evenly spaced rows rounded to bfloat16 (the same digest whether the base was loaded in
+    float32, bfloat16 or float16 from one checkpoint; a merge changes it)."""
+    w = _frozen_weight(module).detach()
+    if w.device.type == "meta":
+        return None
+    m, n = w.shape
+    bits = pack_keep_mask((w != 0).reshape(m, n)).cpu().numpy().tobytes()
+    rows = torch.linspace(0, m - 1, min(m, FINGERPRINT_ROWS)).round().long().unique()
+    sample = w[rows.to(w.device)].to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes()
+    digest = lambda b: hashlib.sha256(b).hexdigest()[:16]  # noqa: E731
+    return f"{m}x{n}:{digest(bits)}:{digest(sample)}"
+
+
+def check_fingerprint(saved: dict[str, str], targets: dict[str, nn.Module]) -> None:
+    """ValueError naming the first wrapped layer (in module order) whose frozen weight
+    differs from `saved`: shapes first, then missing layers, zero patterns, then values (a
+    fingerprint from spp-kernels 0.2 has no values part: only its zero mask is compared)."""
+    now = {name: base_fingerprint(module) for name, module in targets.items()}
+    part = lambda fp, i: (fp.split(":") + [None, None])[i]  # noqa: E731
+    for name in targets:
+        if name in saved and now[name] is not None and part(now[name], 0) != part(saved[name], 0):
+            raise ValueError(
+                f"the adapter was trained on another base: layer {name} has shape "
+                f"{part(saved[name], 0)} there, {part(now[name], 0)} here"
+            )
+    missing = [name for name in saved if name not in targets]
+    if missing:
+        raise ValueError(
+            f"the adapter was trained with layer {missing[0]}, which this model lacks "
+            f"({len(missing)} such layers)"
+        )
+    hint = "; pass allow_other_base (CLI: --allow-other-base) to load it anyway"
+    for name in targets:
+        if name not in saved or now[name] is None:
+            continue
+        if part(now[name], 1) != part(saved[name], 1):
+            raise ValueError(
+                f"the adapter was trained on another base: the zero pattern of layer {name} "
+                f"differs (saved {saved[name]}, this model {now[name]}){hint}"
+            )
+    for name in targets:
+        values = part(saved.get(name, ""), 2)
+        if values is not None and now[name] is not None and part(now[name], 2) != values:
+            raise ValueError(
+                f"the adapter was trained on another base: the weights of layer {name} differ "
+                "(its zero pattern is the same: was this adapter already merged into this "
+                f"model?){hint}"
+            )
+
+
+def record_fingerprint(config: SPPConfig, targets: dict[str, nn.Module]) -> None:
+    """Set `config.base_fingerprint` from `targets` unless a weight is still on the meta
+    device (then it is recorded when the adapter is saved)."""
+    prints = {name: base_fingerprint(module) for name, module in targets.items()}
+    if prints and all(v is not None for v in prints.values()):
+        config.base_fingerprint = dict(sorted(prints.items()))
+
+
+class SPPTuner(BaseTuner):
+    """The BaseTuner of SPP; see the module docstring."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = SPPLinear
+    target_module_mapping = TARGETS_BY_MODEL_TYPE
+
+    def inject_adapter(
+        self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, **kw: Any
+    ) -> None:
+        """Check every target first (nothing changes on an error), inject, then record the
+        wrapped names and the base fingerprint in the config."""
+        config = self.peft_config[adapter_name]
+        if config.target_modules is None:
+            self._prepare_adapter_config(config, self.get_model_config(model))
+        targets = find_targets(model, config)
+        for name, module in targets.items():
+            out_features = module.out_features
+            if config.r > out_features:
+                raise ValueError(f"SPP: r={config.r} exceeds out_features={out_features} of {name}")
+            if config.weight_format == "nm" and isinstance(module, nn.Linear):
+                try:
+                    _packing_pattern(module.weight.data, "nm", None)
+                except ValueError as e:
+                    raise ValueError(f"SPP: {name}: {e}") from None
+        if config.base_fingerprint is not None and not config.allow_other_base:
+            check_fingerprint(config.base_fingerprint, targets)
+        super().inject_adapter(
+            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **kw
+        )
+        config.wrapped_modules = sorted(targets)
+        if config.base_fingerprint is None:
+            record_fingerprint(config, targets)
+
+    def _prepare_adapter_config(self, peft_config: SPPConfig, model_config: dict) -> SPPConfig:
+        """target_modules=None: the model type's default (TARGETS_BY_MODEL_TYPE), else peft's
+        "Please specify `target_modules`" error."""
+        if peft_config.target_modules is None:
+            targets = self.target_module_mapping.get(model_config.get("model_type"))
+            if targets is None:
+                raise ValueError("Please specify `target_modules` in `peft_config`")
+            peft_config.target_modules = list(targets)
+        return peft_config
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Mixed adapter batches (`adapter_names=[...]` per row) are refused: peft would drop
+        the argument and run every row through the active adapters."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "SPP does not support mixed adapter batches (adapter_names=...): call "
+                "set_adapter(name) and run each adapter's rows as their own batch"
+            )
+        yield
+
+    def _create_and_replace(
         self,
-        model: nn.Module,
-        config: SPPConfig | None = None,
-        adapter_name: str = "default",
-        autocast_adapter_dtype: bool = True,
+        config: SPPConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"get_spp_model: model must be an nn.Module, got {type(model)}")
-        if isinstance(model, PeftModel):
-            raise ValueError(
-                "get_spp_model: model is already an SPPModel or another peft model (adapters "
-                "applied)"
-            )
-        config = SPPConfig() if config is None else config
-        if not isinstance(config, SPPConfig):
-            raise TypeError(f"get_spp_model: config must be an SPPConfig, got {type(config)}")
-        existing = [n for n, m in model.named_modules() if isinstance(m, SPPLinear)]
-        if existing:
-            raise ValueError(
-                f"get_spp_model: model already has SPP adapters (e.g. {existing[0]}); "
-                "apply get_spp_model once, or merge_and_unload() first"
-            )
-        # Restored by merge_and_unload, so the merged model trains like the original did.
-        requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
-        with warnings.catch_warnings():
-            # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` property.
-            warnings.filterwarnings(
-                "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
-            )
-            super().__init__(
-                model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **kwargs
-            )
-        self._requires_grad_before = requires_grad_before
+        if isinstance(target, SPPLinear):  # another adapter on an already wrapped layer
+            target.update_layer(adapter_name, config)
+            return
+        if _unsupported(target, parent) is not None:
+            return  # a regex also matched a module SPP skips (find_targets refused names)
+        new = new_layer(target, adapter_name, config)
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)  # an additional adapter is not trainable until set_adapter
+        new.train(target.training)
+        self._replace_module(parent, target_name, new, target)
 
-    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        """peft's merge_and_unload (every SPPLinear becomes a plain nn.Linear holding
-        W * (1 + scale * alpha[g] * beta), zeros bitwise), then the parameters' requires_grad
-        flags as they were before get_spp_model. This SPPModel should not be used after."""
-        merged = self.base_model.merge_and_unload(*args, **kwargs)
-        for name, p in merged.named_parameters():
-            p.requires_grad_(self._requires_grad_before.get(name, False))
-        return merged
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, SPPLinear) and not isinstance(new_module, BaseTunerLayer):
+            # Unloading: new_module is the complete plain layer (merged, or restored); peft's
+            # default would copy the base layer's (unmerged, or absent) weight onto it.
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
-    @property
-    def spp_config(self) -> SPPConfig:
-        """The active adapter's SPPConfig."""
-        return self.peft_config[self.active_adapter]
-
-    def spp_layers(self) -> dict[str, SPPLinear]:
-        """The SPPLinear modules by full name in the base model, in module order."""
-        return {n: m for n, m in self.get_base_model().named_modules() if isinstance(m, SPPLinear)}
-
-    # ---- parameters -------------------------------------------------------------------
-
-    def trainable_parameters(self) -> ParameterCount:
-        """(trainable, total) parameter counts; trainable = sum of r*n + m over SPP layers.
-
-        A packed N:M frozen weight (weight_format "nm") counts as its dense m*n parameters.
-        """
-        trainable = total = 0
-        for p in self.parameters():
-            total += p.numel()
-            if p.requires_grad:
-                trainable += p.numel()
-        for layer in self.spp_layers().values():
-            if layer.weight_format == "nm":  # the frozen weight lives in buffers
-                total += layer.out_features * layer.in_features
-        return ParameterCount(trainable, total)
-
-    def print_trainable_parameters(self) -> None:
-        """Print peft's line: trainable params: X || all params: Y || trainable%: Z."""
-        count = self.trainable_parameters()
-        print(
-            f"trainable params: {count.trainable:,d} || all params: {count.total:,d} "
-            f"|| trainable%: {count.percent:.4f}"
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        config = self.peft_config.get(adapter_name)
+        if config is not None and config.adapter_dtype is not None:
+            return  # an explicit adapter dtype is what the user asked for
+        flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        super()._cast_adapter_dtype(
+            adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
         )
-
-    # ---- adapter state ----------------------------------------------------------------
-
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """{"<layer>.alpha": (r, n), "<layer>.beta": (m,)}, detached, full (gathered) tensors.
-
-        Under FSDP2 the adapters are gathered, a collective: call on every rank.
-        """
-        name = adapter_name or self.active_adapter
-        out: dict[str, torch.Tensor] = {}
-        for layer_name, layer in self.spp_layers().items():
-            out[f"{layer_name}.alpha"] = _full(layer.spp_alpha[name].detach())
-            out[f"{layer_name}.beta"] = _full(layer.spp_beta[name].detach())
-        return out
-
-    def check_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Raise ValueError naming the first layer whose adapters do not fit this model."""
-        check_adapter_state(self._layer_shapes(), state, where="the adapter")
-
-    def _layer_shapes(self, adapter_name: str | None = None) -> dict[str, tuple[int, int, int]]:
-        name = adapter_name or self.active_adapter
-        return {
-            n: (m.out_features, m.in_features, m.spp_r[name]) for n, m in self.spp_layers().items()
-        }
-
-    @torch.no_grad()
-    def load_adapter_state_dict(
-        self, state: dict[str, torch.Tensor], adapter_name: str | None = None
-    ) -> None:
-        """Copy alpha/beta from `state` (keys as in `adapter_state_dict`), checked first.
-
-        Values keep each parameter's dtype (an adapter saved in float32 stays float32 on a
-        float32 adapter); every layer must be present.
-        """
-        name = adapter_name or self.active_adapter
-        check_adapter_state(self._layer_shapes(name), state, where="the adapter")
-        for layer_name, layer in self.spp_layers().items():
-            for part, params in (("alpha", layer.spp_alpha), ("beta", layer.spp_beta)):
-                param = params[name]
-                if hasattr(param, "full_tensor"):
-                    raise ValueError(
-                        "load_adapter_state_dict: parameters are sharded (FSDP2/DTensor); load "
-                        "adapters before fully_shard"
-                    )
-                param.copy_(state[f"{layer_name}.{part}"])
-
-    # ---- save / load ------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
-        """peft's adapter layout (adapter_config.json + adapter_model.safetensors, non-default
-        adapters in subfolders), each file written atomically, the weights file last (the
-        commit point). Refuses non-finite adapters, naming the layer and the count. Under
-        torch.distributed call on every rank (FSDP2 shards are gathered); rank 0 writes."""
-        if kwargs:
-            warnings.warn(f"SPPModel.save_pretrained ignores {sorted(kwargs)}", stacklevel=2)
-        directory = Path(save_directory)
-        if not self.spp_layers():
-            raise ValueError(
-                "save_pretrained: the model has no SPP layers (merge_and_unload() removed them): "
-                "save the merged model with its own save_pretrained"
-            )
-        if directory.exists() and not directory.is_dir():
-            raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a directory")
-        for adapter_name, config in self.peft_config.items():
-            target = directory if adapter_name == "default" else directory / adapter_name
-            state = self.adapter_state_dict(adapter_name)
-            write_peft_adapter(target, self._saved_config(config), state)
-        return directory
-
-    def _saved_config(self, config: SPPConfig) -> SPPConfig:
-        import copy
-
-        saved = copy.copy(config)
-        if saved.base_model_name_or_path is None:
-            base = self.get_base_model()
-            saved.base_model_name_or_path = (
-                getattr(base, "name_or_path", None)
-                or getattr(getattr(base, "config", None), "_name_or_path", None)
-                or None
-            )
-        saved.inference_mode = True
-        return saved
+        # peft 0.21 re-wraps cast ParameterDict entries as new Parameters (requires_grad=True),
+        # unfreezing inactive and inference-mode adapters: restore every flag.
+        for name, p in self.model.named_parameters():
+            if name in flags and p.requires_grad != flags[name]:
+                p.requires_grad_(flags[name])
 
     @classmethod
-    def from_pretrained(
+    def _get_adapter_state_dict(
         cls,
         model: nn.Module,
-        model_id: str | os.PathLike,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        config: SPPConfig | None = None,
-        **kwargs: Any,
-    ) -> SPPModel:
-        """Wrap `model` with the adapters saved in `model_id` (a local directory).
-
-        Reads peft's layout and spp-kernels 0.1's (`spp_config.json`, DeprecationWarning).
-        Checks every targeted layer's name, shape and frozen weight (the base fingerprint)
-        before touching `model`; ValueError names the first mismatching layer. With
-        is_trainable=False the adapters are frozen and the model is in eval mode.
-        """
-        directory = Path(model_id)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"SPPModel.from_pretrained: {directory} is not a directory")
-        if is_legacy_adapter_dir(directory):
-            warnings.warn(
-                f"{directory} is an spp-kernels 0.1 adapter (spp_config.json); it still loads, "
-                "but save_pretrained now writes peft's layout: re-save it once",
-                DeprecationWarning,
-                stacklevel=2,
+        config: SPPConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """peft's selection of the adapter's tensors for saving (every save path: PeftModel
+        and transformers' save_pretrained, Trainer checkpoints), refused before any adapter
+        file is written when the SPP layers were merged away or hold non-finite values;
+        records the base fingerprint of an adapter made on the meta device."""
+        layers = {
+            name: m
+            for name, m in model.named_modules()
+            if isinstance(m, SPPLinear) and adapter_name in m.spp_alpha
+        }
+        if not layers:
+            raise ValueError(
+                f"save_pretrained: adapter {adapter_name!r} has no SPP layers left "
+                "(merge_and_unload() or unload() removed them), so there is nothing to save; "
+                "the adapter files were not written: save the merged model with its own "
+                "save_pretrained"
             )
-            legacy_config, state = read_legacy_adapter(directory)
-            config = config or legacy_config
-            shapes = {
-                n: (m.out_features, m.in_features, config.r)
-                for n, m in find_targets(model, config).items()
-            }
-            check_adapter_state(shapes, state, where=f"the adapter in {directory}")
-            spp = cls(model, config, adapter_name)
-            spp.load_adapter_state_dict(state, adapter_name)
-        else:
-            from peft.utils.save_and_load import load_peft_weights, set_peft_model_state_dict
+        out = super()._get_adapter_state_dict(
+            model, config, adapter_name, state_dict, unwanted_adapter_names
+        )
+        for key in sorted(out):
+            value = out[key]
+            full = getattr(value, "full_tensor", None)
+            check_finite(full() if callable(full) else value, key, "save_pretrained",
+                         "; training diverged? the adapter files were not written")  # fmt: skip
+        if config.base_fingerprint is None and isinstance(config, SPPConfig):
+            record_fingerprint(config, {_strip(name): m for name, m in layers.items()})
+        return out
 
-            saved = read_adapter_config(directory)  # checks the directory's files first
-            config = config or saved
-            if not isinstance(config, SPPConfig):
-                raise ValueError(f"{directory} holds a {config.peft_type} adapter, not SPP")
-            config.inference_mode = not is_trainable
-            weights = load_peft_weights(str(directory), device="cpu")
-            spp = cls(model, config, adapter_name, **kwargs)
-            result = set_peft_model_state_dict(spp, weights, adapter_name=adapter_name)
-            missing = [k for k in result.missing_keys if "spp_" in k]
-            if missing or result.unexpected_keys:
-                raise ValueError(
-                    f"the adapter in {directory} does not fit the model: missing "
-                    f"{missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}"
-                )
-        if not is_trainable:
-            for layer in spp.spp_layers().values():
-                layer.spp_alpha[adapter_name].requires_grad_(False)
-                layer.spp_beta[adapter_name].requires_grad_(False)
-            spp.eval()
-        return spp
+    def check_mergeable(self, adapter_names: list[str] | None = None) -> None:
+        """ValueError naming the first layer whose merged weight would hold non-finite values
+        (and how many): merge_adapter / merge_and_unload check every layer before changing
+        any."""
+        for name, layer in self.spp_layers().items():
+            names = adapter_names or [a for a in layer.active_adapters if a in layer.spp_alpha]
+            names = [a for a in names if a in layer.spp_alpha and a not in layer.merged_adapters]
+            if names:
+                layer.checked_merge(names, where=name)
+
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False
+    ) -> None:
+        self.check_mergeable(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:  # fmt: skip
+        self.check_mergeable(adapter_names)
+        return super().merge_and_unload(
+            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def spp_layers(self) -> dict[str, SPPLinear]:
+        """The SPP layers by full name in the wrapped model, in module order."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, SPPLinear)}
 
 
-def get_spp_model(model: nn.Module, config: SPPConfig | None = None) -> SPPModel:
-    """Replace `config`'s target nn.Linear layers of `model` by SPPLinear; freeze the rest.
-
-    The model is modified in place and wrapped (an SPPModel, i.e. a peft PeftModel).
-    Trainable parameters: alpha (r, n) and beta (m,) of every targeted layer, sum of
-    r*n + m. Raises ValueError if the model already has SPP adapters or nothing matches
-    target_modules (before any change).
-    """
-    return SPPModel(model, SPPConfig() if config is None else config)
+def _strip(name: str) -> str:
+    """A module name of the wrapped model as the tuner records it (no PeftModel prefix)."""
+    return name.removeprefix("base_model.model.")

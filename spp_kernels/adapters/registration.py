@@ -1,11 +1,16 @@
-"""SPP's place in peft: the `PeftType.SPP` member and the method registration.
+"""SPP's place in peft: the `PeftType.SPP` member and the method's registration.
 
 peft 0.21's `register_peft_method(name=, config_cls=, model_cls=, prefix=)` accepts only
 names already in `PeftType` (a `str`-mixin Enum without an extension hook), and
 transformers' `load_adapter` needs a real member (it calls `peft_type.value.lower()` and
 derives the state-dict prefix "spp_" from it). `extend_peft_type` adds the member the way
-Enum itself stores members; `register` calls peft's registration once (importing
-spp_kernels twice, or both spp_kernels.adapters and spp_kernels, is harmless).
+Enum itself stores members.
+
+Registration is split so that reading an adapter costs little (the start-up hook runs it
+inside `import peft`, see `_spp_kernels_hook`): `register_config` fills peft's prefix and
+config mappings (the config module only), `ensure_tuner` adds the tuner (which imports the
+op, ~200 ms) when the first SPPConfig is made, before peft reads the tuner mapping. Both
+are idempotent; importing spp_kernels twice, or from the hook and the user, is harmless.
 """
 
 from __future__ import annotations
@@ -36,13 +41,19 @@ def extend_peft_type(name: str) -> PeftType:
 SPP_PEFT_TYPE = extend_peft_type("SPP")
 
 
-def register(config_cls: type, tuner_cls: type) -> None:
-    """peft.register_peft_method for SPP, once per process."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    from peft.utils import register_peft_method
+def register_config(config_cls: type) -> None:
+    """PeftType.SPP's prefix "spp_" and config class: all that reading an adapter needs."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
 
-    if PEFT_TYPE_TO_CONFIG_MAPPING.get(SPP_PEFT_TYPE) is config_cls:
-        return
-    register_peft_method(
-        name=METHOD_NAME, config_cls=config_cls, model_cls=tuner_cls, prefix=PREFIX
-    )
+    PEFT_TYPE_TO_PREFIX_MAPPING.setdefault(SPP_PEFT_TYPE, PREFIX)
+    PEFT_TYPE_TO_CONFIG_MAPPING.setdefault(SPP_PEFT_TYPE, config_cls)
+
+
+def ensure_tuner() -> None:
+    """The tuner's entry in peft's mapping (imported on first need: it pulls in the op)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    if SPP_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
+        from .model import SPPTuner
+
+        PEFT_TYPE_TO_TUNER_MAPPING[SPP_PEFT_TYPE] = SPPTuner

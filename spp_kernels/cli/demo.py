@@ -37,19 +37,12 @@ from typing import Any
 
 import torch
 
-from .models import (
-    EMBEDDED,
-    default_model_file,
-    embedded_model_file,
-    load_model,
-    resolve_device,
-    sparsity_of,
-    zero_masks,
-)
+from .embedded import EMBEDDED, default_model_file, embedded_model_file
+from .models import load_model, resolve_device, sparsity_of, zero_masks
 from .output import UserError, emit, format_table
 from .train import pad_id
 
-log = logging.getLogger("spp_kernels.demo")
+log = logging.getLogger(__name__)
 
 MODEL_LABEL = "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized)"
 DEMO_THREADS = 2
@@ -95,7 +88,7 @@ QUICK = DemoSizes(calib_windows=8, calib_seqlen=64, train_steps=8, batch_size=2,
 
 def load_default_model(device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded offline (from its
-    converted copy in the cache after the first call, see `models.embedded_model_dir`)."""
+    converted copy in the cache after the first call, see `embedded.embedded_model_dir`)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     default_model_file()  # DemoUnavailable when the demo extra is missing
     return load_model(EMBEDDED, dtype=dtype, device=device)

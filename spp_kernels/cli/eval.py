@@ -6,16 +6,8 @@ import argparse
 import time
 from typing import Any
 
-from .models import (
-    WIKIPEDIA,
-    load_adapter,
-    load_model,
-    resolve_device,
-    sparsity_of,
-    wikipedia,
-    window_length,
-    zero_masks,
-)
+from .inputs import WIKIPEDIA, wikipedia, window_length
+from .models import load_adapter, load_model, resolve_device, sparsity_of, zero_masks
 from .output import UserError, emit, first_line, format_table
 
 

@@ -7,15 +7,15 @@ import json
 import logging
 import sys
 
-from . import models
+from . import checks, models, outdir
 from .output import UserError, emit, format_table
 
-log = logging.getLogger("spp_kernels.cli")
+log = logging.getLogger(__name__)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     inputs = {"--model": args.model, "--adapter": args.adapter}
-    with models.owned_output(args.out, args.force, inputs) as out:
+    with outdir.owned_output(args.out, args.force, inputs) as out:
         model, tokenizer = models.load_model(args.model, device=models.resolve_device(args.device))
         before = models.zero_masks(model)
         spp = models.load_adapter(model, args.adapter, allow_other_base=args.allow_other_base)
@@ -23,8 +23,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
             merged = spp.merge_and_unload()  # refuses non-finite merged weights, naming the layer
         except ValueError as e:
             raise UserError(f"{e}; nothing was written") from None
-        models.check_finite_model(merged, "merge")
-        models.check_probe_output(merged, "merge")
+        checks.check_finite_model(merged, "merge")
+        checks.check_probe_output(merged, "merge")
         after = models.zero_masks(merged)
         changed = [n for n in before if not bool((before[n] == after[n]).all())]
         info = {
@@ -40,7 +40,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 "nothing was written"
             )
         extra = {"spp_merge.json": json.dumps(info, indent=2)}
-        models.save_model_atomically(merged, tokenizer, out, extra)
+        outdir.save_model_atomically(merged, tokenizer, out, extra)
     rows = [
         ["layers merged", len(before)],
         ["sparsity before", f"{info['sparsity_before']:.4f}"],
@@ -58,9 +58,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..sparsity import sparse24
     from ..utils.io import atomic_directory
 
-    with models.owned_output(args.out, args.force, {"--model": args.model}) as out:
+    with outdir.owned_output(args.out, args.force, {"--model": args.model}) as out:
         model, tokenizer = models.load_model(args.model)
-        models.check_finite_model(model, "export-2to4")
+        checks.check_finite_model(model, "export-2to4")
         masks = models.zero_masks(model)
         bad = {
             n: m for n, m in models.target_linears(model).items() if not sparse24.is_2to4(m.weight)
@@ -82,7 +82,6 @@ def cmd_export(args: argparse.Namespace) -> int:
             )
         with atomic_directory(out) as tmp:
             manifest = sparse24.save_compressed(model, tmp, modules=list(masks))
-            model.config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
     info = {

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 from collections.abc import Callable
 
-from .models import EMBEDDED
+from .embedded import EMBEDDED
 
 METHODS = ("wanda", "sparsegpt", "magnitude")
 
@@ -64,21 +65,44 @@ NM_HELP = (
 )
 
 
+def _dataclass_options(p: argparse.ArgumentParser, cls: type, names: tuple[str, ...]) -> None:
+    """One option per field of `cls` in `names`: `--field-name` (or the field's "flags"),
+    dest = the field name, default and help from the field (one default per setting)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        f = fields[name]
+        meta, flags = f.metadata, f.metadata.get("flags", ("--" + name.replace("_", "-"),))
+        shown = (
+            "" if f.default is None or isinstance(f.default, bool)
+            else f" ({f.default:g})" if isinstance(f.default, float) else f" ({f.default})"
+        )  # fmt: skip
+        text = meta["help"].rstrip(".").replace("%", "%%") + shown
+        if isinstance(f.default, bool):
+            p.add_argument(*flags, dest=name, action="store_true", help=text)
+            continue
+        kind = str(f.type)
+        parse = (
+            _int_at_least(meta["minimum"], _BOUND_WORDS[meta["minimum"]]) if "minimum" in meta
+            else float if "float" in kind else int if "int" in kind else str
+        )  # fmt: skip
+        p.add_argument(*flags, dest=name, type=parse, default=f.default,
+                       choices=meta.get("choices"), help=text)  # fmt: skip
+
+
+_BOUND_WORDS = {0: "an integer >= 0", 1: "a positive integer"}
+# Adapter options of `spp train` (SPPConfig's fields, defaults shared through AdapterOptions).
+ADAPTER_OPTIONS = ("r", "scale", "dropout", "init", "backend", "weight_format")
+TRAIN_OPTIONS = (
+    "lr", "epochs", "batch_size", "grad_accum", "max_steps", "warmup_ratio", "weight_decay",
+    "kd_weight", "kd_temperature", "save_every", "keep_checkpoints", "skip_nonfinite",
+    "stop_after", "group_by_length",
+)  # fmt: skip
+
+
 def _adapter_options(p: argparse.ArgumentParser) -> None:
-    # --spp-r, not --r: torchrun's parser takes a bare --r as an abbreviation of its --rdzv-*.
-    p.add_argument("--spp-r", "--r", dest="r", type=_positive_int, default=16,
-                   help="rows r of each alpha (r, n) (16); --r is an alias that torchrun refuses")  # fmt: skip
-    p.add_argument("--scale", type=float, default=2.0, help="adapter scale (2)")
-    p.add_argument("--dropout", type=float, default=0.05, help="adapter input dropout (0.05)")
-    p.add_argument("--init", default="paper", help="adapter init: paper, both_random, alpha_zero")
-    p.add_argument("--backend", default="auto", help="SPP kernels: auto, triton or torch")
-    p.add_argument(
-        "--weight-format",
-        choices=("dense", "nm", "auto"),
-        default="dense",
-        help="frozen weights: dense, nm (packed N:M values + metadata), or auto (pack where "
-        "a layer is N:M sparse and packing saves bytes) (dense)",
-    )
+    from ..utils.hyperparameters import AdapterOptions
+
+    _dataclass_options(p, AdapterOptions, ADAPTER_OPTIONS)
 
 
 def _train_parser(sub) -> None:
@@ -95,46 +119,20 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--out", required=True, help="adapter + checkpoint directory")
     _adapter_options(p)
-    p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (4e-3)")
-    p.add_argument("--epochs", type=_positive_int, default=3, help="epochs (3)")
-    p.add_argument(
-        "--batch-size", type=_positive_int, default=4, help="micro-batch size per process (4)"
-    )
-    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (1)")
+    from ..training.config import TrainConfig
+
+    _dataclass_options(p, TrainConfig, TRAIN_OPTIONS)
     p.add_argument("--max-len", type=_positive_int, default=None,
                    help="max tokens per example (512, or the model's maximum if shorter; a "
                    "longer explicit value is refused)")  # fmt: skip
-    p.add_argument("--max-steps", type=_positive_int, default=None, help="cap on optimizer steps")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="warm-up fraction (0.03)")
-    p.add_argument("--weight-decay", type=float, default=0.001, help="AdamW weight decay (0.001)")
     p.add_argument("--mask-prompt", action="store_true", help="no loss on Alpaca prompts")
-    p.add_argument(
-        "--group-by-length", action="store_true", help="batch examples of similar length"
-    )
     p.add_argument(
         "--teacher", help="dense model to distil from (KL on logits; replicated per process)"
     )
-    p.add_argument(
-        "--kd-weight", type=float, default=1.0, help="weight of KL vs. CE with --teacher (1)"
-    )
-    p.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (1)")
     p.add_argument("--bf16", action="store_true", help="bf16 frozen weights, fp32 adapters")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (several processes)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory)")  # fmt: skip
-    p.add_argument(
-        "--save-every", type=_positive_int, default=200, help="checkpoint every N steps (200)"
-    )
-    p.add_argument("--keep-checkpoints", type=_positive_int, default=2,
-                   help="checkpoints kept on disk; a corrupt latest one falls back (2)")  # fmt: skip
-    p.add_argument("--skip-nonfinite", type=_nonnegative_int, default=0,
-                   help="steps with a non-finite loss or gradient to skip before failing (0)")  # fmt: skip
-    p.add_argument(
-        "--stop-after",
-        type=_positive_int,
-        default=None,
-        help="stop (with a checkpoint, exit 0) at step N of the run (counting resumed steps)",
-    )
     p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in --out"
     )

@@ -9,21 +9,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import models
+from . import checks, inputs, models, outdir
 from .output import UserError, emit, first_line, format_table
 
-log = logging.getLogger("spp_kernels.cli")
+log = logging.getLogger(__name__)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..pruning import parse_sparsity
 
     sparsity = _parse_sparsity(parse_sparsity, args.sparsity)
-    inputs = {
+    sources = {
         "--model": args.model,
-        "--calib": None if args.calib == models.WIKIPEDIA else args.calib,
+        "--calib": None if args.calib == inputs.WIKIPEDIA else args.calib,
     }
-    with models.owned_output(args.out, args.force, inputs) as out:
+    with outdir.owned_output(args.out, args.force, sources) as out:
         device = models.resolve_device(args.device)
         model, tokenizer = models.load_model(args.model, device=device)
         calibration, nsamples, seqlen = _calibration(args, model, tokenizer)
@@ -33,7 +33,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         except ValueError as e:  # a sparsity or shape the model cannot take: nothing changed
             raise UserError(first_line(e)) from None
         seconds = time.perf_counter() - t0
-        models.check_rows_kept(model, "prune")
+        checks.check_rows_kept(model, "prune")
         masks = models.zero_masks(model)
         info = {
             "method": args.method,
@@ -48,7 +48,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "source_model": str(args.model),
         }
         extra = {"spp_prune.json": json.dumps(info, indent=2)}
-        models.save_model_atomically(model, tokenizer, out, extra)
+        outdir.save_model_atomically(model, tokenizer, out, extra)
     rows = [
         ["method", args.method],
         ["target", str(args.sparsity)],
@@ -65,7 +65,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _calibration_name(args: argparse.Namespace) -> str | None:
     if args.method == "magnitude":
         return None
-    if args.calib == models.WIKIPEDIA:
+    if args.calib == inputs.WIKIPEDIA:
         return "Wikipedia calibration split"
     return str(args.calib) if args.calib else "built-in demo prompts"
 
@@ -78,9 +78,9 @@ def _calibration(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[
         if args.calib is not None:
             log.warning("--calib is not used by --method magnitude")
         return None, 0, 0
-    seqlen = models.window_length(model, args.seqlen)
-    if args.calib == models.WIKIPEDIA:
-        stream = models.wikipedia("--calib", tokenizer, "calibration",
+    seqlen = inputs.window_length(model, args.seqlen)
+    if args.calib == inputs.WIKIPEDIA:
+        stream = inputs.wikipedia("--calib", tokenizer, "calibration",
                                   max_tokens=args.nsamples * seqlen)  # fmt: skip
     elif args.calib is None:
         stream = builtin_calibration(tokenizer, args.model)

@@ -16,15 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .models import (
-    WIKIPEDIA,
-    load_model,
-    owned_output,
-    resolve_device,
-    wikipedia,
-    window_length,
-)
+from .inputs import WIKIPEDIA, wikipedia, window_length
+from .models import load_model, resolve_device
+from .outdir import owned_output
 from .output import UserError, emit, first_line, format_table
+from .parser import ADAPTER_OPTIONS, TRAIN_OPTIONS
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_LEN = 512
@@ -38,13 +34,10 @@ def _config(factory: Callable[..., Any], **kwargs: Any) -> Any:
         raise UserError(first_line(e)) from None
 
 
-# Options copied by name into SPPConfig / TrainConfig (argparse dest == field name).
-SPP_FIELDS = ("r", "scale", "dropout", "init", "backend", "weight_format")
-TRAIN_FIELDS = (
-    "lr", "epochs", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_steps",
-    "seed", "kd_weight", "kd_temperature", "save_every", "stop_after", "keep_checkpoints",
-    "skip_nonfinite", "group_by_length",
-)  # fmt: skip
+# Options copied by name into SPPConfig / TrainConfig (argparse dest == field name; the
+# parser generates them from the same fields).
+SPP_FIELDS = ADAPTER_OPTIONS
+TRAIN_FIELDS = (*TRAIN_OPTIONS, "seed")
 
 
 def _spp_config_from_args(args: argparse.Namespace) -> Any:

@@ -2,13 +2,25 @@
 
     Y = X W^T + scale * Dropout(X) W'^T + bias,   W'[o, i] = W[o, i] * alpha[g(o), i] * beta[o]
 
-`spp_linear` (dense W) and `spp_linear_packed` (N:M packed W) are torch.library custom
-ops with autograd and fake implementations; `torch_backend` and `triton_backend` compute
-them, `reference` holds the plain-autograd oracles (naive W', the paper's Eq. 7).
-Nothing here knows about Hugging Face or adapters.
+`spp_linear` is one torch.library custom op family (autograd and fake implementations)
+for every frozen-weight kind (`operand`: dense or N:M packed); `torch_backend` and
+`triton_backend` compute it, `reference` holds the plain-autograd oracles (naive W', the
+paper's Eq. 7). Nothing here knows about Hugging Face or adapters, and importing this
+package loads neither (its names are imported on first use).
 """
 
-from .dropout import dropout_mask
-from .linear import resolve_backend, spp_linear, spp_linear_packed
+from __future__ import annotations
 
-__all__ = ["dropout_mask", "resolve_backend", "spp_linear", "spp_linear_packed"]
+from ..utils.lazy import by_module, lazy_getattr
+
+_LAZY = by_module(
+    {
+        ".dropout": ("dropout_mask",),
+        ".backends": ("resolve_backend",),
+        ".linear": ("spp_linear", "spp_linear_packed"),
+    }
+)
+__all__ = sorted(_LAZY)
+
+
+__getattr__ = lazy_getattr(__name__, _LAZY)

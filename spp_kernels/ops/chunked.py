@@ -46,6 +46,17 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
         torch.mm(a, b, out=out)
 
 
+def _adapter_only_forward(x, m, chunks, scale, dropout_p, build, kept_x) -> torch.Tensor:
+    """scale * Dropout(X) W'^T alone (with_base=False): Y += X_kept W''^T per chunk."""
+    y = torch.empty((x.shape[0], m), dtype=x.dtype, device=x.device)
+    xk = x if dropout_p == 0.0 else kept_x()
+    for row0, rows in chunks:
+        w_ad = build(row0, rows, "adapter", scale / (1.0 - dropout_p))
+        _mm_into(y[:, row0 : row0 + rows], xk, w_ad.t(), False)
+        del w_ad
+    return y
+
+
 def forward(
     x: torch.Tensor,
     m: int,
@@ -56,11 +67,15 @@ def forward(
     build: Build,
     dense_weight: torch.Tensor | None,
     kept_x: Callable[[], torch.Tensor],
+    with_base: bool = True,
 ) -> torch.Tensor:
     """Y (tokens, m) in x's dtype; `kept_x()` gives keep * X (p > 0 only); `dense_weight`
-    is W when it is stored dense (None when packed)."""
+    is W when it is stored dense (None when packed). with_base=False: the adapter term
+    alone (no X W^T, no bias)."""
     tokens, n = x.shape
     chunks = chunks_of(m, n, r, x.dtype)
+    if not with_base:
+        return _adapter_only_forward(x, m, chunks, scale, dropout_p, build, kept_x)
     b = None if bias is None else bias.to(x.dtype)
     y = torch.empty((tokens, m), dtype=x.dtype, device=x.device)
     if dropout_p > 0.0 and dense_weight is not None:
@@ -97,16 +112,21 @@ def backward_dx(
     build: Build,
     dense_weight: torch.Tensor | None,
     masked_add_: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    with_base: bool = True,
 ) -> torch.Tensor:
-    """dX (tokens, n) in dy's dtype; `masked_add_(dx, a)` does dx += keep * a (p > 0)."""
+    """dX (tokens, n) in dy's dtype; `masked_add_(dx, a)` does dx += keep * a (p > 0).
+    with_base=False: the adapter term's dX alone."""
     chunks = chunks_of(m, n, r, dy.dtype)
     tokens = dy.shape[0]
     dx = torch.empty((tokens, n), dtype=dy.dtype, device=dy.device)
     if dropout_p == 0.0:
+        mode = "merged" if with_base else "adapter"
         for i, (row0, rows) in enumerate(chunks):
-            _mm_into(dx, dy[:, row0 : row0 + rows], build(row0, rows, "merged", scale), i > 0)
+            _mm_into(dx, dy[:, row0 : row0 + rows], build(row0, rows, mode, scale), i > 0)
         return dx
-    if dense_weight is not None:
+    if not with_base:
+        dx.zero_()
+    elif dense_weight is not None:
         torch.mm(dy, dense_weight, out=dx)
     else:
         for i, (row0, rows) in enumerate(chunks):

@@ -29,6 +29,8 @@ import functools
 
 import torch
 
+from .backends import triton_available
+
 _MASK32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -73,6 +75,26 @@ def check_keep_bits(bits: torch.Tensor, tokens: int, n: int) -> None:
             f"dropout keep bits must be a contiguous uint8 tensor of shape {shape} "
             f"(tokens, ceil(n / 8)) for {tokens} tokens of n={n}; got {got}"
         )
+
+
+def keep_bits_of(
+    keep_mask: torch.Tensor | None, tokens: int, n: int, lead: torch.Size
+) -> torch.Tensor | None:
+    """spp_linear's `keep_mask` as packed bits: a bool (..., n) mask with x's shape `(*lead, n)`
+    is packed; uint8 bits (tokens, ceil(n/8)) are checked and returned."""
+    if keep_mask is None:
+        return None
+    if not isinstance(keep_mask, torch.Tensor):
+        raise TypeError(f"spp_linear: keep_mask must be a tensor, got {type(keep_mask).__name__}")
+    if keep_mask.dtype == torch.bool:
+        if tuple(keep_mask.shape) != (*lead, n):
+            raise ValueError(
+                f"spp_linear: a bool keep_mask must have x's shape {(*lead, n)}, got "
+                f"{tuple(keep_mask.shape)}"
+            )
+        return pack_keep_mask(keep_mask.reshape(tokens, n))
+    check_keep_bits(keep_mask, tokens, n)
+    return keep_mask
 
 
 def _pack_rows(keep: torch.Tensor) -> torch.Tensor:
@@ -123,7 +145,7 @@ def draw_keep_bits(
         if n % 8:
             mask[:, -1] = (1 << (n % 8)) - 1
         return mask
-    if device.type == "cuda" and _has_triton():
+    if device.type == "cuda" and triton_available():
         from csrc_triton.dropout_bits import draw_keep_bits as triton_draw
 
         return triton_draw(tokens, n, p, seed, device)
@@ -133,12 +155,6 @@ def draw_keep_bits(
         keep[:, n:] = False
         return pack_keep_mask(keep)
     return _cpu_keep_bits(tokens, n, p, seed).to(device)
-
-
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 def dropout_mask(

@@ -1,8 +1,9 @@
 """Pure-PyTorch SPP forward and backward: the CPU path, the float64 path and the fallback.
 
 Same math and calling convention as the Triton backend, on 2-D inputs X (tokens, n),
-W (m, n) (`Frozen`, dense or N:M packed), alpha (r, n), beta (m,), and the dropout keep
-bits of the forward call (spp_kernels.ops.dropout):
+W (m, n) (the frozen-weight operand, spp_kernels.ops.operand: dense or N:M packed),
+alpha (r, n), beta (m,), and the dropout keep bits of the forward call
+(spp_kernels.ops.dropout):
 
     Y      = X W_eff^T + b,   W_eff = W * (1 + s * alpha[g] * beta)            (p == 0)
     Y      = X W^T + b + (keep * X) W''^T,  W'' = W * alpha[g] * s * beta / (1 - p)
@@ -14,6 +15,8 @@ bits of the forward call (spp_kernels.ops.dropout):
 Y and dX go through spp_kernels.ops.chunked (row chunks of at most CHUNK_BYTES); G is
 contracted chunk by chunk too, so no (m, n) temporary exceeds the chunk budget and
 nothing (m, n) is saved for backward. The keep-mask is unpacked once per call.
+with_base=False computes the adapter term alone (Y = (keep * X) W''^T, or X (W * s * alpha[g]
+* beta)^T at p == 0, and its dX); dalpha and dbeta do not depend on it.
 """
 
 from __future__ import annotations
@@ -22,17 +25,17 @@ import torch
 
 from . import chunked
 from .dropout import keep_values
-from .frozen import Frozen
 from .groups import row_chunks, row_groups, times_alpha_rows
 from .merge import acc_dtype, merge_factor
+from .operand import FrozenWeight, dense_or_none, weight_rows
 
 
-def _builder(frozen: Frozen, alpha: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype):
-    m = frozen.m
+def _builder(weight: FrozenWeight, alpha: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype):
+    m = weight.shape[0]
     acc = acc_dtype(dtype)
 
     def build(row0: int, rows: int, mode: str, scale: float) -> torch.Tensor:
-        w = frozen.rows(row0, rows)
+        w = weight_rows(weight, row0, rows)
         if mode == "weight":
             return w.to(dtype)
         if mode == "merged":
@@ -52,29 +55,32 @@ def _keep(bits: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor
 
 def forward(
     x: torch.Tensor,
-    frozen: Frozen,
+    weight: FrozenWeight,
     alpha: torch.Tensor,
     beta: torch.Tensor,
     bias: torch.Tensor | None,
     scale: float,
     dropout_p: float,
     bits: torch.Tensor | None,
+    *,
+    with_base: bool = True,
 ) -> torch.Tensor:
     """Y (tokens, m) in x's dtype."""
-    build = _builder(frozen, alpha, beta, x.dtype)
+    m, n = weight.shape
 
     def kept_x() -> torch.Tensor:
-        return x * _keep(bits, frozen.n, x.dtype)
+        return x * _keep(bits, n, x.dtype)
 
     return chunked.forward(
-        x, frozen.m, alpha.shape[0], bias, scale, dropout_p, build, frozen.dense, kept_x
-    )
+        x, m, alpha.shape[0], bias, scale, dropout_p, _builder(weight, alpha, beta, x.dtype),
+        dense_or_none(weight), kept_x, with_base,
+    )  # fmt: skip
 
 
 def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
-    frozen: Frozen,
+    weight: FrozenWeight,
     alpha: torch.Tensor,
     beta: torch.Tensor,
     scale: float,
@@ -82,6 +88,8 @@ def backward(
     bits: torch.Tensor | None,
     need_dx: bool = True,
     need_dalpha_dbeta: bool = True,
+    *,
+    with_base: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dX in x's dtype, dalpha in alpha's dtype, dbeta in beta's dtype); None where not needed.
 
@@ -89,20 +97,21 @@ def backward(
     """
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
-    m, n, r = frozen.m, frozen.n, alpha.shape[0]
+    (m, n), r = weight.shape, alpha.shape[0]
     keep = _keep(bits, n, x.dtype) if dropout_p > 0.0 else None
     dx = dalpha = dbeta = None
     if need_dx:
-        build = _builder(frozen, alpha, beta, x.dtype)
+        build = _builder(weight, alpha, beta, x.dtype)
         dx = chunked.backward_dx(
-            dy, m, r, n, scale, dropout_p, build, frozen.dense, lambda out, a: out.addcmul_(a, keep)
-        )
+            dy, m, r, n, scale, dropout_p, build, dense_or_none(weight),
+            lambda out, a: out.addcmul_(a, keep), with_base,
+        )  # fmt: skip
     if need_dalpha_dbeta:
-        dalpha, dbeta = _dalpha_dbeta(dy, x, frozen, alpha, beta, scale, dropout_p, keep)
+        dalpha, dbeta = _dalpha_dbeta(dy, x, weight, alpha, beta, scale, dropout_p, keep)
     return dx, dalpha, dbeta
 
 
-def _dalpha_dbeta(dy, x, frozen, alpha, beta, scale, dropout_p, keep):
+def _dalpha_dbeta(dy, x, weight, alpha, beta, scale, dropout_p, keep):
     """G = dY^T (keep * X) row chunk by row chunk, contracted at once (float32 / float64).
 
     P = G * W (in place on the chunk of G); then dbeta[o] = c * <P[o], alpha[g(o)]> and
@@ -110,7 +119,7 @@ def _dalpha_dbeta(dy, x, frozen, alpha, beta, scale, dropout_p, keep):
     the groups when the chunk is made of whole groups (no (m, n) temporary beyond P).
     """
     acc = acc_dtype(x.dtype)
-    m, n, r = frozen.m, frozen.n, alpha.shape[0]
+    (m, n), r = weight.shape, alpha.shape[0]
     xd = x.to(acc) if keep is None else x.to(acc) * keep
     alpha_acc, beta_acc = alpha.to(acc), beta.to(acc)
     dalpha = torch.zeros((r, n), dtype=acc, device=x.device)
@@ -118,7 +127,7 @@ def _dalpha_dbeta(dy, x, frozen, alpha, beta, scale, dropout_p, keep):
     itemsize = torch.empty((), dtype=acc).element_size()
     for row0, rows in row_chunks(m, n, r, itemsize, chunked.CHUNK_BYTES):
         p = dy[:, row0 : row0 + rows].to(acc).t() @ xd  # G chunk (rows, n)
-        p.mul_(frozen.rows(row0, rows).to(acc))
+        p.mul_(weight_rows(weight, row0, rows).to(acc))
         beta_rows = beta_acc[row0 : row0 + rows]
         if m % r == 0 and row0 % (m // r) == 0 and rows % (m // r) == 0:
             size = m // r

@@ -53,22 +53,24 @@ __all__ = [
 ]
 
 
-def _check_nm_args(n: int, m: int) -> None:
-    if isinstance(m, bool) or not isinstance(m, int) or m not in SUPPORTED_M:
-        raise ValueError(f"N:M sparsity: unsupported M={m!r}; supported M: {SUPPORTED_M}")
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < m:
-        raise ValueError(f"N:M sparsity: N must be an integer in [1, M-1={m - 1}], got N={n!r}")
+def _check_nm_args(n_keep: int, group: int) -> None:
+    if isinstance(group, bool) or not isinstance(group, int) or group not in SUPPORTED_M:
+        raise ValueError(f"N:M sparsity: unsupported M={group!r}; supported M: {SUPPORTED_M}")
+    if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 1 <= n_keep < group:
+        raise ValueError(
+            f"N:M sparsity: N must be an integer in [1, M-1={group - 1}], got N={n_keep!r}"
+        )
 
 
-def _check_weight(weight: torch.Tensor, m: int, what: str = "weight") -> None:
+def _check_weight(weight: torch.Tensor, group: int, what: str = "weight") -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"{what} must be 2-D (rows, cols), got shape {tuple(weight.shape)}")
-    if weight.shape[1] % m != 0:
+    if weight.shape[1] % group != 0:
         raise ValueError(
-            f"{what} has {weight.shape[1]} columns, not a multiple of M={m}; "
-            f"N:M groups of {m} consecutive columns need M to divide cols"
+            f"{what} has {weight.shape[1]} columns, not a multiple of M={group}; "
+            f"N:M groups of {group} consecutive columns need M to divide cols"
         )
 
 
@@ -76,72 +78,74 @@ def _label(name: str) -> str:
     return f"{name}: " if name else ""
 
 
-def _bits_per_position(m: int) -> int:
-    return int(math.log2(m))
+def _bits_per_position(group: int) -> int:
+    return int(math.log2(group))
 
 
-def _groups_per_word(n: int, m: int) -> int:
-    return 32 // (n * _bits_per_position(m))
+def _groups_per_word(n_keep: int, group: int) -> int:
+    return 32 // (n_keep * _bits_per_position(group))
 
 
-def nm_meta_shape(rows: int, cols: int, n: int, m: int) -> tuple[int, int]:
+def nm_meta_shape(rows: int, cols: int, n_keep: int, group: int) -> tuple[int, int]:
     """Shape (rows, ceil((cols // m) / G)) of the int32 metadata of a (rows, cols) weight."""
-    _check_nm_args(n, m)
-    return rows, -(-(cols // m) // _groups_per_word(n, m))
+    _check_nm_args(n_keep, group)
+    return rows, -(-(cols // group) // _groups_per_word(n_keep, group))
 
 
 def nm_packed_nbytes(
-    rows: int, cols: int, n: int, m: int, dtype: torch.dtype = torch.float16
+    rows: int, cols: int, n_keep: int, group: int, dtype: torch.dtype = torch.float16
 ) -> int:
     """Bytes of values + meta for a (rows, cols) N:M weight of ``dtype``.
 
     fp16 fractions of dense: 2:4 56.25 %, 4:8 62.5 % (12-bit codes, two per word), 2:8 30 %,
     1:4 ~28 %.
     """
-    if cols % m != 0:
-        raise ValueError(f"cols={cols} is not a multiple of M={m}")
+    if cols % group != 0:
+        raise ValueError(f"cols={cols} is not a multiple of M={group}")
     itemsize = torch.empty((), dtype=dtype).element_size()
-    meta_rows, meta_words = nm_meta_shape(rows, cols, n, m)
-    return rows * (cols // m * n) * itemsize + meta_rows * meta_words * 4
+    meta_rows, meta_words = nm_meta_shape(rows, cols, n_keep, group)
+    return rows * (cols // group * n_keep) * itemsize + meta_rows * meta_words * 4
 
 
-def nm_group_counts(weight: torch.Tensor, m: int) -> torch.Tensor:
+def nm_group_counts(weight: torch.Tensor, group: int) -> torch.Tensor:
     """Nonzeros (by value; NaN counts) per group of m columns: int32 (rows, cols // m)."""
-    _check_weight(weight, m)
+    _check_weight(weight, group)
     rows, cols = weight.shape
-    nonzero = (weight != 0).reshape(rows, cols // m, m)
+    nonzero = (weight != 0).reshape(rows, cols // group, group)
     # m strided passes; a sum over a last dimension of 4 or 8 is several times slower.
     counts = nonzero[..., 0].to(torch.int32)
-    for j in range(1, m):
+    for j in range(1, group):
         counts += nonzero[..., j]
     return counts
 
 
-def check_nm(weight: torch.Tensor, n: int, m: int, name: str = "") -> None:
-    """Raise ValueError naming the first (row-major) group with more than n nonzeros.
+def check_nm(weight: torch.Tensor, n_keep: int, group: int, name: str = "") -> None:
+    """Raise ValueError naming the first (row-major) group with more than n_keep nonzeros.
 
     ``name`` (a layer or parameter name) prefixes the message.
     """
-    _check_nm_args(n, m)
-    _check_weight(weight, m, what=f"{_label(name)}weight".strip())
-    counts = nm_group_counts(weight, m)
-    bad = counts > n
+    _check_nm_args(n_keep, group)
+    _check_weight(weight, group, what=f"{_label(name)}weight".strip())
+    counts = nm_group_counts(weight, group)
+    bad = counts > n_keep
     if bool(bad.any()):
-        row, group = (int(v) for v in bad.nonzero()[0])
+        row, index = (int(v) for v in bad.nonzero()[0])
+        first = index * group
         raise ValueError(
-            f"{_label(name)}weight of shape {tuple(weight.shape)} is not {n}:{m} sparse: "
-            f"row {row}, group {group} (columns {group * m}..{group * m + m - 1}) has "
-            f"{int(counts[row, group])} nonzeros, at most {n} allowed "
+            f"{_label(name)}weight of shape {tuple(weight.shape)} is not {n_keep}:{group} sparse: "
+            f"row {row}, group {index} (columns {first}..{first + group - 1}) has "
+            f"{int(counts[row, index])} nonzeros, at most {n_keep} allowed "
             f"({int(bad.sum())} offending groups in all)"
         )
 
 
-def is_nm(weight: torch.Tensor, n: int, m: int) -> bool:
-    """True iff weight is 2-D, M divides cols and every group of m columns has <= n nonzeros."""
-    _check_nm_args(n, m)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] % m:
+def is_nm(weight: torch.Tensor, n_keep: int, group: int) -> bool:
+    """True iff weight is 2-D, `group` divides cols and every group of `group` columns has at
+    most n_keep nonzeros."""
+    _check_nm_args(n_keep, group)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] % group:
         return False
-    return bool((nm_group_counts(weight, m) <= n).all())
+    return bool((nm_group_counts(weight, group) <= n_keep).all())
 
 
 def nm_pattern(weight: torch.Tensor) -> tuple[int, int] | None:
@@ -154,17 +158,19 @@ def nm_pattern(weight: torch.Tensor) -> tuple[int, int] | None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return None
     best: tuple[int, int] | None = None
-    for m in SUPPORTED_M:
-        if weight.shape[1] % m or weight.shape[1] == 0:
+    for group in SUPPORTED_M:
+        if weight.shape[1] % group or weight.shape[1] == 0:
             continue
-        n = max(int(nm_group_counts(weight, m).max()), 1)
-        if n < m and (best is None or n / m < best[0] / best[1]):
-            best = (n, m)
+        n_keep = max(int(nm_group_counts(weight, group).max()), 1)
+        if n_keep < group and (best is None or n_keep / group < best[0] / best[1]):
+            best = (n_keep, group)
     return best
 
 
 @functools.lru_cache(maxsize=32)
-def _selection_table(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _selection_table(
+    n_keep: int, group: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept positions (4**m, n) and group codes (4**m,) for every group "priority key".
 
     An entry's priority is 3 for a nonzero value, 1 for a signed zero (-0.0: zero value,
@@ -173,30 +179,30 @@ def _selection_table(n: int, m: int, device: torch.device) -> tuple[torch.Tensor
     lower position first on a tie, listed ascending. Looking the selection up per group
     (rather than sorting every group) keeps nm_compress a few elementwise passes.
     """
-    keys = torch.arange(4**m, dtype=torch.int64)
-    priority = (keys[:, None] >> (2 * torch.arange(m))) & 3
+    keys = torch.arange(4**group, dtype=torch.int64)
+    priority = (keys[:, None] >> (2 * torch.arange(group))) & 3
     order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
-    pos = order[:, :n].sort(dim=-1).values
-    codes = (pos << (torch.arange(n) * _bits_per_position(m))).sum(dim=-1)
+    pos = order[:, :n_keep].sort(dim=-1).values
+    codes = (pos << (torch.arange(n_keep) * _bits_per_position(group))).sum(dim=-1)
     return pos.to(device), codes.to(device)
 
 
-def _group_keys(weight: torch.Tensor, m: int) -> torch.Tensor:
+def _group_keys(weight: torch.Tensor, group: int) -> torch.Tensor:
     """int32 (rows, cols // m): each group's priority key (see _selection_table)."""
     rows, cols = weight.shape
-    bits = weight.reshape(rows, cols // m, m).view(_BITS_VIEW[weight.element_size()])
+    bits = weight.reshape(rows, cols // group, group).view(_BITS_VIEW[weight.element_size()])
     sign_bit = torch.iinfo(bits.dtype).min
     # bits != 0: any nonzero pattern (+1); bits without the sign bit != 0: nonzero value (+2).
     priority = (bits != 0).to(torch.uint8) + ((bits & ~sign_bit) != 0).to(torch.uint8) * 2
     # m strided passes; a sum over a last dimension of 4 or 8 is several times slower.
     key = priority[..., 0].to(torch.int32)
-    for j in range(1, m):
+    for j in range(1, group):
         key += priority[..., j].to(torch.int32) << (2 * j)
     return key
 
 
 def nm_compress(
-    weight: torch.Tensor, n: int, m: int, *, name: str = ""
+    weight: torch.Tensor, n_keep: int, group: int, *, name: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack an N:M sparse weight (rows, cols) into (values, meta); see the module docstring.
 
@@ -204,7 +210,7 @@ def nm_compress(
     (rows, ceil((cols // m) / G)), both on weight's device. Raises ValueError (naming
     ``name``, the first offending row and group) when the weight is not n:m sparse.
     """
-    check_nm(weight, n, m, name=name)
+    check_nm(weight, n_keep, group, name=name)
     if weight.dtype not in PACKABLE_DTYPES:
         raise TypeError(
             f"{_label(name)}nm_compress: unsupported dtype {weight.dtype}; supported: "
@@ -212,32 +218,32 @@ def nm_compress(
         )
     weight = weight.detach().contiguous()
     rows, cols = weight.shape
-    k_groups = cols // m
-    table_pos, table_codes = _selection_table(n, m, weight.device)
-    keys = _group_keys(weight, m)
+    k_groups = cols // group
+    table_pos, table_codes = _selection_table(n_keep, group, weight.device)
+    keys = _group_keys(weight, group)
     pos = table_pos[keys]  # (rows, k_groups, n)
-    values = weight.reshape(rows, k_groups, m).gather(-1, pos).reshape(rows, k_groups * n)
+    values = weight.reshape(rows, k_groups, group).gather(-1, pos).reshape(rows, k_groups * n_keep)
 
-    b = _bits_per_position(m)
-    g = _groups_per_word(n, m)
+    b = _bits_per_position(group)
+    g = _groups_per_word(n_keep, group)
     codes = table_codes[keys]  # (rows, k_groups), n * b bits each
     words = -(-k_groups // g)
     codes = torch.nn.functional.pad(codes, (0, words * g - k_groups))
-    word_shifts = torch.arange(g, device=weight.device, dtype=torch.int64) * (n * b)
+    word_shifts = torch.arange(g, device=weight.device, dtype=torch.int64) * (n_keep * b)
     packed = (codes.reshape(rows, words, g) << word_shifts).sum(dim=-1)  # in [0, 2**32)
     meta = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
     return values, meta
 
 
 def nm_decompress(
-    values: torch.Tensor, meta: torch.Tensor, n: int, m: int, cols: int
+    values: torch.Tensor, meta: torch.Tensor, n_keep: int, group: int, cols: int
 ) -> torch.Tensor:
     """Inverse of nm_compress: the dense (rows, cols) weight in values' dtype and device.
 
     Raises ValueError on inconsistent shapes or on metadata whose positions are not strictly
     ascending within a group (corrupt or foreign metadata).
     """
-    _check_nm_args(n, m)
+    _check_nm_args(n_keep, group)
     for what, t in (("values", values), ("meta", meta)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"nm_decompress: {what} must be a torch.Tensor")
@@ -245,16 +251,18 @@ def nm_decompress(
             raise ValueError(f"nm_decompress: {what} must be 2-D, got shape {tuple(t.shape)}")
     if meta.dtype != torch.int32:
         raise TypeError(f"nm_decompress: meta must be torch.int32, got {meta.dtype}")
-    if isinstance(cols, bool) or not isinstance(cols, int) or cols <= 0 or cols % m:
-        raise ValueError(f"nm_decompress: cols must be a positive multiple of M={m}, got {cols!r}")
-    rows = values.shape[0]
-    k_groups = cols // m
-    if values.shape != (rows, k_groups * n):
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols <= 0 or cols % group:
         raise ValueError(
-            f"nm_decompress: values must have shape ({rows}, {k_groups * n}) for cols={cols} "
-            f"and {n}:{m}, got {tuple(values.shape)}"
+            f"nm_decompress: cols must be a positive multiple of M={group}, got {cols!r}"
         )
-    expected_meta = nm_meta_shape(rows, cols, n, m)
+    rows = values.shape[0]
+    k_groups = cols // group
+    if values.shape != (rows, k_groups * n_keep):
+        raise ValueError(
+            f"nm_decompress: values must have shape ({rows}, {k_groups * n_keep}) for cols={cols} "
+            f"and {n_keep}:{group}, got {tuple(values.shape)}"
+        )
+    expected_meta = nm_meta_shape(rows, cols, n_keep, group)
     if tuple(meta.shape) != expected_meta:
         raise ValueError(
             f"nm_decompress: meta must have shape {expected_meta}, got {tuple(meta.shape)}"
@@ -265,26 +273,26 @@ def nm_decompress(
             "move both to one device"
         )
 
-    pos = nm_positions(meta, n, m, cols)
-    dense = values.new_zeros(rows, k_groups, m)
-    dense.scatter_(-1, pos, values.reshape(rows, k_groups, n))
+    pos = nm_positions(meta, n_keep, group, cols)
+    dense = values.new_zeros(rows, k_groups, group)
+    dense.scatter_(-1, pos, values.reshape(rows, k_groups, n_keep))
     return dense.reshape(rows, cols)
 
 
-def nm_positions(meta: torch.Tensor, n: int, m: int, cols: int) -> torch.Tensor:
+def nm_positions(meta: torch.Tensor, n_keep: int, group: int, cols: int) -> torch.Tensor:
     """The kept column positions of every group: int64 (rows, cols // m, n), in [0, m),
     ascending within each group. ValueError for metadata whose positions are not strictly
     ascending (corrupt or foreign metadata)."""
-    rows, k_groups = meta.shape[0], cols // m
-    b = _bits_per_position(m)
-    g = _groups_per_word(n, m)
+    rows, k_groups = meta.shape[0], cols // group
+    b = _bits_per_position(group)
+    g = _groups_per_word(n_keep, group)
     words = meta.to(torch.int64) & 0xFFFFFFFF
-    word_shifts = torch.arange(g, device=meta.device, dtype=torch.int64) * (n * b)
-    codes = (words.unsqueeze(-1) >> word_shifts) & ((1 << (n * b)) - 1)
+    word_shifts = torch.arange(g, device=meta.device, dtype=torch.int64) * (n_keep * b)
+    codes = (words.unsqueeze(-1) >> word_shifts) & ((1 << (n_keep * b)) - 1)
     codes = codes.reshape(rows, -1)[:, :k_groups]
-    shifts = torch.arange(n, device=meta.device, dtype=torch.int64) * b
-    pos = (codes.unsqueeze(-1) >> shifts) & (m - 1)  # (rows, k_groups, n)
-    if n > 1 and not bool((pos[..., 1:] > pos[..., :-1]).all()):
+    shifts = torch.arange(n_keep, device=meta.device, dtype=torch.int64) * b
+    pos = (codes.unsqueeze(-1) >> shifts) & (group - 1)  # (rows, k_groups, n)
+    if n_keep > 1 and not bool((pos[..., 1:] > pos[..., :-1]).all()):
         raise ValueError(
             "nm_decompress: metadata positions are not strictly ascending within a group; "
             "the meta tensor is corrupt or not in this package's N:M format"
@@ -292,9 +300,11 @@ def nm_positions(meta: torch.Tensor, n: int, m: int, cols: int) -> torch.Tensor:
     return pos
 
 
-def nm_gather_values(dense: torch.Tensor, meta: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def nm_gather_values(
+    dense: torch.Tensor, meta: torch.Tensor, n_keep: int, group: int
+) -> torch.Tensor:
     """Values (rows, cols // m * n) of `dense` (rows, cols) at the kept positions of `meta`:
     repacks a weight with the same zero pattern (e.g. a merged one) under its metadata."""
     rows, cols = dense.shape
-    pos = nm_positions(meta, n, m, cols)
-    return dense.reshape(rows, cols // m, m).gather(-1, pos).reshape(rows, -1)
+    pos = nm_positions(meta, n_keep, group, cols)
+    return dense.reshape(rows, cols // group, group).gather(-1, pos).reshape(rows, -1)

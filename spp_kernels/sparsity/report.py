@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..utils.hf import find_decoder_layers
@@ -118,14 +117,18 @@ def satisfied_patterns(weight: torch.Tensor) -> tuple[tuple[int, int], ...]:
 
 
 def is_adapter_layer(module: nn.Module) -> bool:
-    """Whether `module` is an unmerged adapter layer (any peft tuner layer: SPP, LoRA, ...)."""
-    return isinstance(module, BaseTunerLayer)
+    """Whether `module` is an unmerged adapter layer (any peft tuner layer: SPP, LoRA, ...),
+    known by peft's tuner-layer interface (`get_base_layer`, `active_adapters`): this tier
+    does not import peft."""
+    return callable(getattr(type(module), "get_base_layer", None)) and hasattr(
+        type(module), "active_adapters"
+    )
 
 
 def frozen_weight(module: nn.Module) -> torch.Tensor:
     """The (m, n) weight a linear layer computes with: nn.Linear's weight, a PackedLinear's
     decompressed, or an adapter layer's frozen base weight."""
-    if isinstance(module, BaseTunerLayer):
+    if is_adapter_layer(module):
         module = module.get_base_layer()
     if isinstance(module, PackedLinear):
         return module.dense_weight()
@@ -133,12 +136,12 @@ def frozen_weight(module: nn.Module) -> torch.Tensor:
 
 
 def _is_reported(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, PackedLinear, BaseTunerLayer))
+    return isinstance(module, (nn.Linear, PackedLinear)) or is_adapter_layer(module)
 
 
 def _outermost(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """Drop the modules inside a reported adapter layer (its base layer, its adapters)."""
-    wrappers = tuple(f"{n}." for n, m in named if isinstance(m, BaseTunerLayer))
+    wrappers = tuple(f"{n}." for n, m in named if is_adapter_layer(m))
     return [(n, m) for n, m in named if not (wrappers and n.startswith(wrappers))]
 
 

@@ -2,10 +2,35 @@
 distributed engine (`engine`: accelerate + FSDP2), the configuration (`config`) and the
 data files it reads (`data`)."""
 
-from .config import TrainConfig, TrainResult
-from .data import DataError, Example, load_dataset, load_token_stream
-from .engine import DistributedEngine, LocalEngine, make_engine
-from .train import NonFiniteError, train
+import importlib
+import sys
+import types
+
+from ..utils.lazy import by_module, lazy_getattr
+
+_WHERE = by_module(
+    {
+        ".config": ("TrainConfig", "TrainResult"),
+        ".data": ("DataError", "Example", "load_dataset", "load_token_stream"),
+        ".engine": ("DistributedEngine", "LocalEngine", "make_engine"),
+        ".train": ("NonFiniteError",),
+    }
+)
+
+
+__getattr__ = lazy_getattr(__name__, _WHERE)
+
+
+class _Training(types.ModuleType):
+    # `training.train` is the function (as when this package imported eagerly), even after
+    # the submodule of the same name is imported (the import system's setattr is ignored).
+    train = property(
+        lambda self: importlib.import_module(".train", __name__).train, lambda self, value: None
+    )
+
+
+sys.modules[__name__].__class__ = _Training
+
 
 __all__ = [
     "DataError",

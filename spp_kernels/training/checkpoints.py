@@ -29,7 +29,7 @@ import torch
 
 from ..utils.io import atomic_save_safetensors, atomic_write_text, file_sha256
 
-log = logging.getLogger("spp_kernels.train")
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2
 _STEP_DIR = re.compile(r"^step-(\d{8})$")

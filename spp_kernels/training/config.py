@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..utils.hyperparameters import option
+
 # Fields that may change between a run and its resumption without changing the result.
 RESUMABLE_FIELDS = ("save_every", "stop_after", "keep_checkpoints", "skip_nonfinite")
 
@@ -25,22 +27,25 @@ class TrainConfig:
     examples of similar length (less padding), still a seeded, resumable order.
     """
 
-    lr: float = 4e-3
-    epochs: int = 3
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.001
+    lr: float = option(4e-3, "peak learning rate")
+    epochs: int = option(3, "epochs", minimum=1)
+    batch_size: int = option(4, "micro-batch size per process", minimum=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", minimum=1)
+    warmup_ratio: float = option(0.03, "warm-up fraction of the steps")
+    weight_decay: float = option(0.001, "AdamW weight decay")
     max_grad_norm: float | None = 1.0
-    max_steps: int | None = None
+    max_steps: int | None = option(None, "cap on optimizer steps", minimum=1)
     seed: int = 0
-    kd_weight: float = 1.0
-    kd_temperature: float = 1.0
-    save_every: int = 200
-    stop_after: int | None = None
-    keep_checkpoints: int = 2
-    skip_nonfinite: int = 0
-    group_by_length: bool = False
+    kd_weight: float = option(1.0, "weight of KL vs. CE with --teacher")
+    kd_temperature: float = option(1.0, "distillation temperature")
+    save_every: int = option(200, "checkpoint every N steps", minimum=1)
+    stop_after: int | None = option(None, "stop (with a checkpoint, exit 0) at step N of the "
+                                    "run (counting resumed steps)", minimum=1)  # fmt: skip
+    keep_checkpoints: int = option(2, "checkpoints kept on disk; a corrupt latest one falls "
+                                   "back", minimum=1)  # fmt: skip
+    skip_nonfinite: int = option(0, "steps with a non-finite loss or gradient to skip before "
+                                 "failing", minimum=0)  # fmt: skip
+    group_by_length: bool = option(False, "batch examples of similar length")
 
     def __post_init__(self) -> None:
         checks = (

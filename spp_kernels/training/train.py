@@ -58,7 +58,7 @@ from .config import RESUMABLE_FIELDS, TrainConfig, TrainResult, lr_factor, total
 from .data import IGNORE_INDEX, Example, batch_order, collate
 from .engine import LocalEngine
 
-log = logging.getLogger("spp_kernels.train")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "NonFiniteError",

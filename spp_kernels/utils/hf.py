@@ -75,11 +75,13 @@ def check_finite(tensor: torch.Tensor, name: str, what: str, suffix: str = "") -
             raise ValueError(f"{what}: {name} holds {bad} non-finite values (NaN/inf){suffix}")
 
 
-def check_finite_parameters(model: nn.Module, what: str, names: list[str] | None = None) -> None:
+def check_finite_parameters(model: nn.Module, what: str, names: list[str] | None = None,
+                            outcome: str = "nothing was changed") -> None:  # fmt: skip
     """ValueError naming the first parameter or buffer (of `names`, default all floating
-    ones) holding non-finite values, with their count: `what` says who refuses."""
+    ones) holding non-finite values, with their count: `what` says who refuses, `outcome`
+    what it did not do."""
     tensors = dict(model.named_parameters())
     tensors.update(dict(model.named_buffers()))
     for name in names if names is not None else list(tensors):
         if name in tensors:
-            check_finite(tensors[name], name, what, "; nothing was changed")
+            check_finite(tensors[name], name, what, f"; {outcome}")

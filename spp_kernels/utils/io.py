@@ -34,7 +34,8 @@ __all__ = [
 ]
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make the renames inside `directory` durable (a no-op on Windows)."""
     # Directory fsync makes the rename durable; not supported on Windows (nor needed there).
     if os.name == "nt":
         return
@@ -75,7 +76,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 # "Os { code: 28, ... }" or "(os error 28)": how Rust writers (safetensors, tokenizers)
@@ -257,7 +258,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

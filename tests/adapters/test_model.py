@@ -365,7 +365,12 @@ def trained_spp(seed: int = 0, **cfg) -> SPPModel:
 def test_save_load_round_trip_bit_exact(tmp_path):
     spp = trained_spp(target_modules="all-linear")
     spp.save_pretrained(tmp_path / "adapter")
-    assert sorted(os.listdir(tmp_path / "adapter")) == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
+    # peft's own writer: its model card, the config, the weights
+    assert sorted(os.listdir(tmp_path / "adapter")) == [
+        "README.md",
+        ADAPTER_CONFIG_NAME,
+        ADAPTER_WEIGHTS_NAME,
+    ]
     saved = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_NAME).read_text())
     assert saved["peft_type"] == "SPP" and saved["r"] == 4
     # The exact wrapped names are saved and used as targets on load (no pattern from a file).
@@ -466,14 +471,14 @@ def test_legacy_adapter_directories_still_load(tmp_path):
 
 
 def test_crash_mid_save_keeps_previous_adapter(tmp_path, monkeypatch):
-    import safetensors.torch
+    import peft.peft_model
 
     first = trained_spp()
     first.save_pretrained(tmp_path)
     files = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
 
     second = trained_spp(seed=0, r=2, scale=3.0)
-    real_save_file = safetensors.torch.save_file
+    real_save_file = peft.peft_model.safe_save_file  # peft's own writer
 
     def crash_mid_write(tensors, filename, metadata=None):
         real_save_file(tensors, filename, metadata=metadata)
@@ -481,7 +486,7 @@ def test_crash_mid_save_keeps_previous_adapter(tmp_path, monkeypatch):
             f.truncate(os.path.getsize(filename) // 2)
         raise OSError("simulated crash mid-write")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash_mid_write)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", crash_mid_write)
     with pytest.raises(OSError, match="simulated crash"):
         second.save_pretrained(tmp_path)
     monkeypatch.undo()
@@ -495,7 +500,7 @@ def test_non_finite_adapters_are_refused_before_writing(tmp_path):
     with torch.no_grad():
         spp.spp_layers()["model.layers.1.mlp.up_proj"].beta[:3] = float("nan")
     with pytest.raises(
-        ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.beta .*holds 3 non-finite values"
+        ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.spp_beta.* holds 3 non-finite values"
     ):
         spp.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -18,19 +18,18 @@ from spp_kernels import SPPConfig, SPPLinear, get_spp_model, spp_linear_packed
 from spp_kernels.pruning.masks import nm_mask
 from spp_kernels.sparsity.nm import nm_packed_nbytes
 from spp_kernels.sparsity.packed import PackedWeight, packed_fraction
-from tests.helpers import HAS_CUDA, make_tiny_llama
+from tests.helpers import HAS_CUDA, assert_close, make_tiny_llama
 
 # The Triton 3.6 interpreter turns 1-element loop bounds into ints via a deprecated numpy path.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"  # the Triton path: GPU, or CPU under the interpreter
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TOL = {torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
-def nm_linear(n=64, m=37, n_keep=2, m_group=4, dtype=torch.float32, bias=True) -> nn.Linear:
-    """nn.Linear pruned to n_keep:m_group by magnitude; row 0 holds one -0.0 per group.
+def nm_linear(n=64, m=37, n_keep=2, group=4, dtype=torch.float32, bias=True) -> nn.Linear:
+    """nn.Linear pruned to n_keep:group by magnitude; row 0 holds one -0.0 per group.
 
     The packed format keeps a -0.0 bitwise only where its group has a free slot (as in
     row 0); elsewhere pruned entries are set to +0.0 so that round trips are bit-exact.
@@ -38,9 +37,9 @@ def nm_linear(n=64, m=37, n_keep=2, m_group=4, dtype=torch.float32, bias=True) -
     lin = nn.Linear(n, m, bias=bias, dtype=dtype)
     with torch.no_grad():
         w = lin.weight
-        w.masked_fill_(~nm_mask(w.abs().float(), n_keep, m_group), 0.0)
+        w.masked_fill_(~nm_mask(w.abs().float(), n_keep, group), 0.0)
         w[0] = 0.0
-        w[0, ::m_group] = -0.0
+        w[0, ::group] = -0.0
     return lin
 
 
@@ -53,11 +52,6 @@ def layer_pair(lin: nn.Linear, backend: str, r: int = 5, dropout: float = 0.0, f
         packed.alpha.copy_(dense.alpha)
         packed.beta.copy_(dense.beta)
     return dense, packed
-
-
-def _rel(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).abs().max() / ref.abs().max())
 
 
 def test_packed_storage_replaces_dense_weight():
@@ -84,8 +78,8 @@ def test_packed_storage_replaces_dense_weight():
 
 
 def test_auto_packs_sparsest_pattern_and_keeps_others_dense(caplog):
-    with caplog.at_level(logging.INFO, logger="spp_kernels.adapters.layer"):
-        packed = SPPLinear.from_linear(nm_linear(n_keep=2, m_group=8), r=2, weight_format="auto")
+    with caplog.at_level(logging.INFO, logger="spp_kernels.adapters"):
+        packed = SPPLinear.from_linear(nm_linear(n_keep=2, group=8), r=2, weight_format="auto")
         unstructured = nn.Linear(64, 16)
         with torch.no_grad():
             unstructured.weight.mul_(torch.rand(16, 64) > 0.5)
@@ -117,10 +111,10 @@ def test_bad_weight_formats_raise_clearly():
         layer(torch.randn(3, 64, dtype=torch.float16))
 
 
-@pytest.mark.parametrize("n_keep,m_group", [(2, 4), (2, 8)])
+@pytest.mark.parametrize("n_keep,group", [(2, 4), (2, 8)])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_packed_torch_fallback_equals_dense_layer_bitwise(n_keep, m_group, dropout):
-    dense, packed = layer_pair(nm_linear(n_keep=n_keep, m_group=m_group), "torch", dropout=dropout)
+def test_packed_torch_fallback_equals_dense_layer_bitwise(n_keep, group, dropout):
+    dense, packed = layer_pair(nm_linear(n_keep=n_keep, group=group), "torch", dropout=dropout)
     x = torch.randn(3, 7, 64)
     outs = []
     for layer in (dense, packed):
@@ -133,10 +127,10 @@ def test_packed_torch_fallback_equals_dense_layer_bitwise(n_keep, m_group, dropo
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("n_keep,m_group", [(2, 4), (2, 8)])
+@pytest.mark.parametrize("n_keep,group", [(2, 4), (2, 8)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_packed_triton_layer_matches_dense_layer(n_keep, m_group, dtype):
-    lin = nm_linear(n=64, m=37, n_keep=n_keep, m_group=m_group, dtype=dtype)
+def test_packed_triton_layer_matches_dense_layer(n_keep, group, dtype):
+    lin = nm_linear(n=64, m=37, n_keep=n_keep, group=group, dtype=dtype)
     dense, packed = layer_pair(lin, "torch", dropout=0.1)
     packed.backend = "triton"
     packed.to(DEVICE)
@@ -153,7 +147,7 @@ def test_packed_triton_layer_matches_dense_layer(n_keep, m_group, dtype):
     (y64, dx64, da64, db64), (y, dx, da, db) = results
     assert y.dtype == dtype and dx.dtype == dtype and da.dtype == dtype
     for out, ref in ((y, y64), (dx, dx64), (da, da64), (db, db64)):
-        assert _rel(out, ref) < TOL[dtype]
+        assert_close(out, ref, dtype=dtype)
 
 
 def test_merge_is_the_dense_merge_bitwise_packed_or_not():
@@ -162,7 +156,7 @@ def test_merge_is_the_dense_merge_bitwise_packed_or_not():
     merged = packed.merged_weight()
     assert torch.equal(merged.view(torch.int16), ref.view(torch.int16))  # -0.0 kept too
     as_packed = packed.merged_weight(packed=True)
-    assert isinstance(as_packed, PackedWeight) and (as_packed.n_keep, as_packed.m_group) == (2, 4)
+    assert isinstance(as_packed, PackedWeight) and (as_packed.n_keep, as_packed.group) == (2, 4)
     assert torch.equal(as_packed.dense().view(torch.int16), ref.view(torch.int16))
     assert torch.equal(as_packed.meta, packed.weight_meta)  # same positions, new values
     assert torch.equal(dense.merged_weight(packed=True).values, as_packed.values)
@@ -195,14 +189,14 @@ def test_training_steps_leave_packed_weight_untouched():
 
 
 @pytest.mark.parametrize(
-    "n_keep,m_group,n,fraction",
+    "n_keep,group,n,fraction",
     [(2, 4, 256, 0.5625), (2, 8, 320, 0.30), (4, 8, 256, 0.625), (1, 4, 320, 0.28125)],
 )
-def test_frozen_weight_bytes_at_expected_fraction(n_keep, m_group, n, fraction):
+def test_frozen_weight_bytes_at_expected_fraction(n_keep, group, n, fraction):
     m = 64
-    lin = nm_linear(n=n, m=m, n_keep=n_keep, m_group=m_group, dtype=torch.float16, bias=False)
+    lin = nm_linear(n=n, m=m, n_keep=n_keep, group=group, dtype=torch.float16, bias=False)
     dense = SPPLinear.from_linear(lin, r=8)
-    packed = SPPLinear.from_linear(lin, r=8, weight_format="nm", nm=(n_keep, m_group))
+    packed = SPPLinear.from_linear(lin, r=8, weight_format="nm", nm=(n_keep, group))
 
     def frozen_bytes(layer):
         tensors = [*layer.buffers(), *(p for p in layer.parameters() if not p.requires_grad)]
@@ -212,9 +206,9 @@ def test_frozen_weight_bytes_at_expected_fraction(n_keep, m_group, n, fraction):
         return sum(t.nbytes for t in (*layer.parameters(), *layer.buffers()))
 
     assert frozen_bytes(dense) == m * n * 2
-    assert frozen_bytes(packed) == nm_packed_nbytes(m, n, n_keep, m_group, torch.float16)
+    assert frozen_bytes(packed) == nm_packed_nbytes(m, n, n_keep, group, torch.float16)
     assert frozen_bytes(packed) / frozen_bytes(dense) == pytest.approx(fraction)
-    assert packed_fraction(n_keep, m_group, torch.float16) == pytest.approx(fraction)
+    assert packed_fraction(n_keep, group, torch.float16) == pytest.approx(fraction)
     adapters = (8 * n + m) * 2
     assert all_bytes(packed) - frozen_bytes(packed) == adapters == all_bytes(dense) - m * n * 2
 
@@ -256,12 +250,12 @@ def test_packed_triton_path_allocates_no_dense_weight(dropout):
     assert dense_bytes in step("torch")
 
 
-def _nm_pruned_llama(n_keep: int, m_group: int) -> nn.Module:
+def _nm_pruned_llama(n_keep: int, group: int) -> nn.Module:
     model = make_tiny_llama()
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and "layers" in name:
-                module.weight.mul_(nm_mask(module.weight.abs(), n_keep, m_group))
+                module.weight.mul_(nm_mask(module.weight.abs(), n_keep, group))
     return model
 
 

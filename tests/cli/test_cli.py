@@ -257,10 +257,11 @@ def test_force_starts_a_fresh_run(workdir, tmp_path, capsys):
 
 
 def test_demo_without_the_demo_extra_is_a_clear_error(monkeypatch, capsys):
-    import spp_kernels.cli.models as models
+    import spp_kernels.cli.demo as demo
+    from spp_kernels.cli.embedded import DemoUnavailable
 
     def missing():
-        raise models.DemoUnavailable("the demo model is not installed: pip install ...")
+        raise DemoUnavailable("the demo model is not installed: pip install ...")
 
-    monkeypatch.setattr(models, "default_model_file", missing)
+    monkeypatch.setattr(demo, "default_model_file", missing)
     assert_user_error(capsys, "not installed", "demo", "--quick")

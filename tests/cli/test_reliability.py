@@ -296,7 +296,7 @@ def _poisoned_adapter(models: Path, tmp_path: Path) -> Path:
 
 def test_8_merge_export_prune_refuse_non_finite_naming_the_layer(models, tmp_path, capsys):
     adapter = _poisoned_adapter(models, tmp_path)
-    assert_user_error(capsys, "model.layers.1.mlp.up_proj would get", "merge", "--model",
+    assert_user_error(capsys, "non-finite weights in layer model.layers.1.mlp.up_proj", "merge", "--model",
                       models / "pruned", "--adapter", adapter, "--out", tmp_path / "m")  # fmt: skip
     assert not (tmp_path / "m").exists()
     model = copy_model(models, tmp_path)
@@ -326,7 +326,9 @@ def test_8_save_and_load_compressed_refuse_non_finite(models, tmp_path, monkeypa
     with pytest.raises(ValueError, match=r"down_proj.weight holds \d+ non-finite"):
         sparse24.save_compressed(model, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
-    monkeypatch.setattr(sparse24, "check_finite", lambda *a: None)
+    from spp_kernels.sparsity import compressed
+
+    monkeypatch.setattr(compressed, "check_finite", lambda *a: None)
     sparse24.save_compressed(model, tmp_path / "bad")  # written as a corrupt file would be
     monkeypatch.undo()
     fresh = AutoModelForCausalLM.from_pretrained(models / "pruned")

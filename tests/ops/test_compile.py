@@ -85,11 +85,14 @@ def test_compiled_dropout_draws_fresh_masks_and_trains():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-@pytest.mark.parametrize("dropout_p,given_mask", [(0.0, False), (0.1, False), (0.1, True)])
-def test_op_family_passes_opcheck(backend, packed, dropout_p, given_mask):
+@pytest.mark.parametrize(
+    "dropout_p,given_mask,with_base",
+    [(0.0, False, True), (0.1, False, True), (0.1, True, True), (0.1, False, False)],
+)
+def test_op_family_passes_opcheck(backend, packed, dropout_p, given_mask, with_base):
     """torch.library.opcheck on the one custom-op family: schema, fake (meta) impls, autograd
     registration and aot dispatch, for dense and N:M packed weights, with the mask drawn by
-    the op or given by the caller."""
+    the op or given by the caller, with and without the frozen product."""
     from spp_kernels.ops.dropout import draw_keep_bits
     from spp_kernels.ops.linear import spp_linear_fwd
     from spp_kernels.sparsity.packed import PackedWeight
@@ -109,4 +112,4 @@ def test_op_family_passes_opcheck(backend, packed, dropout_p, given_mask):
         weight, meta, pattern = w, None, (0, 0)
     keep = draw_keep_bits(5, 32, dropout_p, 3, device) if given_mask else None
     args = (x, weight, meta, alpha, beta, None, *pattern, 2.0, dropout_p, torch.tensor(7), keep)
-    torch.library.opcheck(spp_linear_fwd, (*args, backend))
+    torch.library.opcheck(spp_linear_fwd, (*args, backend, with_base))

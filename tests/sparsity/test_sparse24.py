@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.memory_estimate import llama_compressed_fraction
 from spp_kernels.adapters.layer import SPPLinear
 from spp_kernels.sparsity import sparse24
 from spp_kernels.sparsity.nm import nm_packed_nbytes
@@ -17,7 +18,6 @@ from spp_kernels.sparsity.sparse24 import (
     compress,
     decompress,
     is_2to4,
-    llama_compressed_fraction,
     load_compressed,
     save_compressed,
     semi_structured_backend,
@@ -168,8 +168,10 @@ def test_layer_qualification_and_backend_flag(monkeypatch):
         flags.append(torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS)
         return w.clone()
 
+    from spp_kernels.sparsity import semi_structured
+
     monkeypatch.setattr(
-        sparse24, "semi_structured_backend", lambda device, backend: ("cutlass", None)
+        semi_structured, "semi_structured_backend", lambda device, backend: ("cutlass", None)
     )
     monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", fake_convert)
     monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", False)
@@ -206,6 +208,8 @@ def test_save_load_compressed_bit_exact(tmp_path):
     assert len(packed) == 2 * len(DECODER_LINEARS)
     assert "lm_head.weight" in manifest["dense"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json",  # with the quantization_config that transformers loads it by
+        "generation_config.json",
         "model_2to4.json",
         "model_2to4.safetensors",
     ]

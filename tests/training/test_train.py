@@ -169,7 +169,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     bad = root / "step-00000003" / "optimizer.safetensors"
     bad.write_bytes(bad.read_bytes()[:-8] + b"\xff" * 8)  # same size, other bytes
     again = spp_model()
-    with caplog.at_level("WARNING", logger="spp_kernels.train"):
+    with caplog.at_level("WARNING", logger="spp_kernels.training"):
         result = train(again, data, TrainConfig(**CFG), tmp_path / "run", resume=True,
                        progress=False)  # fmt: skip
     assert str(bad) in caplog.text and "trying an older one" in caplog.text
@@ -183,7 +183,7 @@ def test_checkpoint_pointer_may_only_name_a_step_directory(tmp_path, caplog):
     outside.mkdir()
     pointer = tmp_path / "checkpoints" / "latest.json"
     pointer.write_text(json.dumps({"step": 9, "dir": "../elsewhere"}))
-    with caplog.at_level("WARNING", logger="spp_kernels.train"):
+    with caplog.at_level("WARNING", logger="spp_kernels.training"):
         result = train(spp_model(), data, TrainConfig(**CFG), tmp_path, resume=True,
                        progress=False)  # fmt: skip
     assert "not a step directory of checkpoints/" in caplog.text

@@ -1,0 +1,59 @@
+"""The frozen weight W (m, n) as the op takes it: one operand, dense or packed.
+
+    FrozenWeight = torch.Tensor (W itself, (m, n))
+                 | PackedWeight (N:M packed values + metadata, spp_kernels.sparsity.packed)
+
+Both are tensor-like (`shape` (m, n), `dtype`, `device`), so the backends read W's size
+and type the same way for every kind; where they need dense rows they call `weight_rows`
+(the host chunk decoder of each kind) and where a kind is stored dense they use it as it
+is (`dense_or_none`). The Triton launchers take the operand as it is too (csrc_triton
+decodes each kind's tiles in registers). A new storage format is a new kind here, with its
+own `rows` and its tile decoder in csrc_triton; nothing above this module changes.
+
+`flatten` / `unflatten` turn an operand into the custom op's tensor and int arguments and
+back: the one place where the operand is taken apart.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from ..sparsity.packed import PackedWeight
+
+Tensor = torch.Tensor
+FrozenWeight = Union[Tensor, PackedWeight]  # noqa: UP007 - a runtime alias for isinstance
+
+
+def weight_rows(weight: FrozenWeight, row0: int, rows: int) -> Tensor:
+    """Dense rows [row0, row0 + rows) of W (rows, n): a view when W is dense, decoded when
+    packed."""
+    if isinstance(weight, Tensor):
+        return weight[row0 : row0 + rows]
+    return weight.rows(row0, rows)
+
+
+def dense_or_none(weight: FrozenWeight) -> Tensor | None:
+    """W itself when it is stored dense, else None."""
+    return weight if isinstance(weight, Tensor) else None
+
+
+def flatten(weight: FrozenWeight) -> tuple[Tensor, Tensor | None, int, int]:
+    """(values, meta or None, n_keep, group): the custom op's arguments for `weight`
+    (a dense W: (W, None, 0, 0))."""
+    if isinstance(weight, Tensor):
+        return weight, None, 0, 0
+    return weight.values, weight.meta, weight.n_keep, weight.group
+
+
+def unflatten(values: Tensor, meta: Tensor | None, n_keep: int, group: int, n: int) -> FrozenWeight:
+    """The operand back from `flatten`'s arguments; `n` is W's column count."""
+    if meta is None:
+        return values
+    return PackedWeight(values, meta, n_keep, group, n)
+
+
+def cast_values(weight: FrozenWeight, dtype: torch.dtype) -> FrozenWeight:
+    """W in `dtype` (autocast): a packed weight casts its values only, never densified."""
+    return weight.to(dtype)
