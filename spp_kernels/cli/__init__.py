@@ -52,6 +52,26 @@ def _restore_logging(saved: tuple) -> None:
     root.propagate = propagate
 
 
+# How gloo / NCCL report a collective whose peer process has already exited.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "Connection refused", "DistNetworkError")  # fmt: skip
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """For a process of a multi-process run (torchrun / accelerate set RANK and WORLD_SIZE)
+    whose error is a collective losing a peer: one line saying that another process failed
+    first (its own error is the cause), instead of the transport's misleading message."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    text = f"{type(e).__name__}: {e}"
+    if world <= 1 or not any(words in text for words in PEER_GONE):
+        return None
+    rank = os.environ.get("RANK", "?")
+    return (
+        f"process {rank} of {world} stopped because another process ended first (that "
+        "process's error is the cause)"
+    )
+
+
 def describe_error(e: BaseException) -> str:
     """One line naming the file and the cause of an error that reached the command boundary."""
     import errno
@@ -91,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
+        peer = peer_failure(e)
+        if peer is not None:
+            print(f"spp {args.command}: {peer}", file=sys.stderr)
+            return 1
         print(f"spp {args.command}: error: {describe_error(e)}", file=sys.stderr)
         return 1
     finally:

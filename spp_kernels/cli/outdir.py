@@ -17,7 +17,8 @@ def prepare_out_dir(
 ) -> Path:
     """Check --out before anything is loaded: never the current directory, an ancestor,
     "/", home or a directory holding one of `inputs` ({option: path}); a non-empty
-    directory only with `force`; not a symbolic link; its parent must exist."""
+    directory only with `force`; not a symbolic link and holding none (a link inside --out
+    would let a write or a --force deletion escape it); its parent must exist."""
     from ..utils.io import check_output_dir
 
     p = Path(out)
@@ -31,9 +32,24 @@ def prepare_out_dir(
         raise UserError(f"--out {p} exists and is not a directory")
     if p.is_dir() and any(p.iterdir()) and not force:
         raise UserError(f"--out {p} exists and is not empty (pass --force to replace it)")
+    link = _first_symlink(p) if p.is_dir() else None
+    if link is not None:
+        raise UserError(
+            f"--out {p}: {link} is a symbolic link (to {os.readlink(link)}); spp never follows "
+            "links inside --out: remove it, or choose another --out"
+        )
     if not p.parent.exists():
         raise UserError(f"--out {p}: parent directory {p.parent} does not exist")
     return p
+
+
+def _first_symlink(root: Path) -> Path | None:
+    """The first symbolic link found under `root` (links are not followed), else None."""
+    for here, dirs, files in os.walk(root, followlinks=False):
+        for name in sorted(dirs) + sorted(files):
+            if os.path.islink(os.path.join(here, name)):
+                return Path(here) / name
+    return None
 
 
 @contextlib.contextmanager

@@ -201,7 +201,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     ]
     if result.interrupted:
         rows.append(["stopped early", "resume with --resume"])
+    unusable = None if result.interrupted else result.unusable
+    info["unusable"] = unusable
     emit(args, info, format_table(rows, ["train", "value"]))
+    if unusable:
+        raise UserError(
+            f"{unusable}: the adapter in {out} holds the last finite update, not a trained "
+            "run; lower --lr and train again"
+        )
     return exit_status(result)
 
 

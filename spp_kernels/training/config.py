@@ -72,7 +72,8 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     """What a `train` call did: steps done of the total, losses, tokens, time, interruption
-    (`stop_signal`: the signal number that stopped it, if one did), skipped steps."""
+    (`stop_signal`: the signal number that stopped it, if one did), skipped steps
+    (`last_skipped`: the last step taken was skipped as non-finite)."""
 
     step: int
     total_steps: int
@@ -82,16 +83,33 @@ class TrainResult:
     interrupted: bool = False
     stop_signal: int | None = None
     skipped_nonfinite: int = 0
+    last_skipped: bool = False
+
+    @property
+    def unusable(self) -> str | None:
+        """Why the adapters are not the product of a run (every step, or the last one,
+        skipped as non-finite), else None."""
+        if self.step and self.skipped_nonfinite >= self.step:
+            return f"every step ({self.step}) was skipped as non-finite"
+        if self.last_skipped:
+            return (
+                f"the last step ({self.step} of {self.total_steps}) was skipped as non-finite "
+                f"({self.skipped_nonfinite} skipped in all)"
+            )
+        return None
 
     @property
     def final_loss(self) -> float:
         return self.losses[-1] if self.losses else float("nan")
 
 
-def total_steps(n_examples: int, config: TrainConfig, world_size: int = 1) -> int:
+def total_steps(
+    n_examples: int, config: TrainConfig, world_size: int = 1, global_batch: int | None = None
+) -> int:
     """Optimizer steps of a run: ceil(epochs * global batches per epoch / grad_accum),
-    capped by max_steps; a global batch holds world_size * batch_size examples."""
-    per_epoch = math.ceil(n_examples / (config.batch_size * world_size))
+    capped by max_steps; a global batch holds world_size * batch_size examples (or
+    `global_batch`, a resumed run's)."""
+    per_epoch = math.ceil(n_examples / (global_batch or config.batch_size * world_size))
     steps = math.ceil(config.epochs * per_epoch / config.grad_accum)
     return min(steps, config.max_steps) if config.max_steps else steps
 

@@ -4,7 +4,8 @@ Accepted files (chosen by extension):
 - ``.json``: a list of records, ``.jsonl``: one record per line. A record is either an
   Alpaca example ``{"instruction", "input" (optional), "output"}``, a ``{"text": ...}``
   document, or pre-tokenized ``{"input_ids": [int, ...]}`` (no tokenizer needed).
-- ``.txt`` / anything else: UTF-8 plain text, tokenized and cut into ``max_len`` blocks.
+- ``.txt`` / anything else: UTF-8 plain text, tokenized in bounded pieces and cut into
+  ``max_len`` blocks (`tokens`: memory stays proportional to the token count).
 
 Alpaca examples use the standard Alpaca prompt template. By default the loss covers the
 prompt and the response (the SPP authors' setup); ``mask_prompt=True`` sets the prompt's
@@ -19,14 +20,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..utils.io import file_sha256
 from ..utils.seeding import derive_seed
+from .tokens import TokenSpan, encode_text_file
 
 IGNORE_INDEX = -100
 
@@ -47,10 +51,11 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One training sequence: `input_ids` and `labels` (same length, -100 = no loss)."""
+    """One training sequence: `input_ids` and `labels` (same length, -100 = no loss):
+    tuples, or `TokenSpan` views of a text file's token array."""
 
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
+    input_ids: Sequence[int]
+    labels: Sequence[int]
 
 
 def alpaca_prompt(record: dict[str, Any]) -> str:
@@ -148,6 +153,26 @@ def _require_tokenizer(tokenizer: Any, path: Path) -> None:
         )
 
 
+def _is_text_file(path: Path) -> bool:
+    """A plain-text data file (anything but .json / .jsonl) that exists."""
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a data file")
+    return path.suffix.lower() not in (".json", ".jsonl")
+
+
+def _encode_file(tokenizer: Any, path: Path) -> Any:
+    """A text file's token ids in bounded memory (`tokens.encode_text_file`)."""
+    try:
+        ids = encode_text_file(tokenizer, path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if ids is None:
+        raise DataError(f"{path}: empty dataset (no text)")
+    return ids
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
@@ -187,11 +212,16 @@ def load_dataset(
     if max_len < 2:
         raise DataError(f"max_len must be >= 2, got {max_len}")
     p = Path(path)
-    content = read_records(p)
-    if isinstance(content, str):
+    if _is_text_file(p):
         _require_tokenizer(tokenizer, p)
-        examples = _blocks(_encode(tokenizer, content), max_len)
+        ids = _encode_file(tokenizer, p)
+        examples = [
+            Example(span, span)
+            for start in range(0, len(ids), max_len)
+            if len(span := TokenSpan(ids, start, min(start + max_len, len(ids)))) >= 2
+        ]
     else:
+        content = read_records(p)
         examples = []
         eos = getattr(tokenizer, "eos_token_id", None)
         for record in content:
@@ -221,11 +251,14 @@ def load_token_stream(path: str | os.PathLike, tokenizer: Any = None) -> torch.T
     Alpaca records are rendered as prompt + output; documents are joined in file order.
     """
     p = Path(path)
-    content = read_records(p)
-    if isinstance(content, str):
+    if _is_text_file(p):
         _require_tokenizer(tokenizer, p)
-        ids = _encode(tokenizer, content)
+        ids = _encode_file(tokenizer, p)
+        if len(ids) < 2:
+            raise DataError(f"{p}: empty dataset (fewer than 2 tokens)")
+        return torch.from_numpy(ids.astype(np.int64))
     else:
+        content = read_records(p)
         ids = []
         for record in content:
             if "input_ids" in record:
@@ -244,7 +277,8 @@ def check_vocab(examples: list[Example] | torch.Tensor, vocab_size: int, source:
     if isinstance(examples, torch.Tensor):
         top = int(examples.max())
     else:
-        top = max(max(ex.input_ids) for ex in examples)
+        top = max(ex.input_ids.max() if isinstance(ex.input_ids, TokenSpan) else max(ex.input_ids)
+                  for ex in examples)  # fmt: skip
     if top >= vocab_size:
         raise DataError(
             f"{source}: token id {top} is outside the model's vocabulary ({vocab_size})"
@@ -293,7 +327,7 @@ def collate(examples: list[Example], pad_id: int = 0) -> dict[str, torch.Tensor]
     attention = torch.zeros((b, t), dtype=torch.int64)
     for row, ex in enumerate(examples):
         n = len(ex.input_ids)
-        input_ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
+        input_ids[row, :n] = torch.from_numpy(np.asarray(ex.input_ids, dtype=np.int64))
+        labels[row, :n] = torch.from_numpy(np.asarray(ex.labels, dtype=np.int64))
         attention[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

