@@ -64,6 +64,8 @@ except ImportError:
 print('cuda available:', torch.cuda.is_available())
 if torch.cuda.is_available():
     print('device:', torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0))
+    from csrc_triton._launch import arch_of
+    print('kernel config table:', arch_of(torch.cuda.get_device_capability(0)))
 for name in ('numpy', 'transformers', 'safetensors', 'peft', 'accelerate', 'matplotlib', 'pytest'):
     try:
         print(name, __import__(name).__version__)

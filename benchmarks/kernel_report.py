@@ -76,12 +76,15 @@ def _unwrap(kernel):
     return kernel
 
 
-def variants(dtypes=DTYPES, only=KERNELS) -> list[Variant]:
-    """Every shipped config of every kernel variant (the report's rows), in order."""
+def variants(dtypes=DTYPES, only=KERNELS, arch: str = "sm_90a") -> list[Variant]:
+    """Every shipped config of every kernel variant for `arch`'s config table (the report's
+    rows), in order."""
     _clear_interpreter()
     import csrc_triton.spp_backward as B
     import csrc_triton.spp_forward as F
-    from csrc_triton._launch import alpha_groups
+    from csrc_triton._launch import alpha_groups, arch_of
+
+    table = arch_of(_capability(arch))
 
     out = []
     weights = ("dense", "2:4")
@@ -91,21 +94,21 @@ def variants(dtypes=DTYPES, only=KERNELS) -> list[Variant]:
             for dropout in (False, True):
                 base = dict(DROPOUT=dropout, UPCAST=False, PRECISION="tf32", **nm)
                 if "forward" in only:
-                    for c in F.FORWARD_CONFIGS:
+                    for c in F.FORWARD_CONFIGS[table]:
                         groups = alpha_groups(c.kwargs["BLOCK_M"], REF_R, REF_M)
                         extra = dict(base, HAS_BIAS=True, NUM_GROUPS=groups)
                         out.append(Variant("forward", "spp_forward", "_spp_forward_kernel", dtype,
                                            weight, dropout, dict(c.kwargs), c.num_warps,
                                            c.num_stages, extra))  # fmt: skip
                 if "dx" in only:
-                    for c in B.DX_CONFIGS:
+                    for c in B.DX_CONFIGS[table]:
                         groups = alpha_groups(c.kwargs["BLOCK_K"], REF_R, REF_M)
                         extra = dict(base, NUM_GROUPS=groups)
                         out.append(Variant("dx", "spp_backward", "_spp_dx_kernel", dtype, weight,
                                            dropout, dict(c.kwargs), c.num_warps, c.num_stages,
                                            extra))  # fmt: skip
                 if "dalpha_dbeta" in only:
-                    for c in B.DAB_CONFIGS:
+                    for c in B.DAB_CONFIGS[table]:
                         groups = alpha_groups(B.DAB_BLOCK_M, REF_R, REF_M)
                         blocks = dict(BLOCK_M=B.DAB_BLOCK_M, BLOCK_N=B.DAB_BLOCK_N,
                                       GROUP_M=B.DAB_GROUP_M, **c.kwargs)  # fmt: skip
@@ -212,6 +215,12 @@ def _sass_loop_stats(sass: str, arch: int) -> dict[str, int]:
     }
 
 
+def _capability(arch: str) -> tuple[int, int]:
+    """ "sm_90a" -> (9, 0), "sm_80" -> (8, 0), "sm_86" -> (8, 6)."""
+    digits = re.sub(r"\D", "", arch)
+    return int(digits[:-1]), int(digits[-1])
+
+
 def compile_variant(v: Variant, arch: str) -> dict[str, Any]:
     """Compile one variant and read its resource use; a dict row of the report."""
     _clear_interpreter()
@@ -283,7 +292,7 @@ def _compile_job(args):
 
 
 def run(arch: str = "sm_90a", dtypes=DTYPES, only=KERNELS, jobs: int = 2) -> list[dict]:
-    todo = variants(dtypes, only)
+    todo = variants(dtypes, only, arch)
     if jobs <= 1:
         return [compile_variant(v, arch) for v in todo]
     with ProcessPoolExecutor(jobs) as pool:
@@ -331,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         import triton
 
-        meta = {"arch": args.arch, "triton": triton.__version__, "reference": {
+        from csrc_triton._launch import arch_of
+
+        meta = {"arch": args.arch, "config_table": arch_of(_capability(args.arch)),
+                "triton": triton.__version__, "reference": {
             "tokens": REF_TOKENS, "m": REF_M, "n": REF_N, "r": REF_R}}  # fmt: skip
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 1 if errors else 0

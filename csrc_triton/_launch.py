@@ -249,28 +249,65 @@ def tokens_bucket(tokens: int) -> int:
     return triton.next_power_of_2(max(int(tokens), 1))
 
 
+# Config tables by architecture. "sm_90a": Hopper (H100/H200: wgmma, 228 KB shared memory
+# per SM); "sm_80": Ampere and Ada (A100: mma.sync, 164 KB; sm_86/89 have 100 KB, which
+# every sm_80 config fits). Each table's configs compile without spills for its
+# architecture (benchmarks/kernel_report.py --arch).
+ARCHS = ("sm_80", "sm_90a")
+
+
+def arch_of(capability: tuple[int, int]) -> str:
+    """The config table of a CUDA compute capability: sm_90a from 9.0, else sm_80."""
+    return "sm_90a" if tuple(capability) >= (9, 0) else "sm_80"
+
+
+def _launch_device(named_args: dict, kwargs: dict) -> torch.device | None:
+    for value in (*named_args.values(), *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+def arch_pruner(tables: dict[str, list[triton.Config]]) -> Callable:
+    """triton.autotune's early_config_prune: keep the configs of the launch device's table
+    (the device of the first tensor argument; the current CUDA device if none)."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list:
+        device = _launch_device(named_args, kwargs)
+        arch = arch_of(torch.cuda.get_device_capability(device))
+        keep = tables[arch]
+        return [c for c in configs if any(c is k for k in keep)]
+
+    return prune
+
+
 def autotune(
-    gpu_configs: list[triton.Config],
+    gpu_configs: dict[str, list[triton.Config]],
     interpreter_config: triton.Config,
     key: list[str],
     dot_blocks: tuple[str, ...],
 ) -> Callable:
-    """triton.autotune over `gpu_configs` (only the first with SPP_TRITON_CONFIGS=first), or
-    the single `interpreter_config` under TRITON_INTERPRET=1 (the interpreter cannot
-    benchmark: do_bench needs a GPU).
+    """triton.autotune over the launch device's table of `gpu_configs` ({arch: configs},
+    see ARCHS; only each table's first with SPP_TRITON_CONFIGS=first), or the single
+    `interpreter_config` under TRITON_INTERPRET=1 (the interpreter cannot benchmark:
+    do_bench needs a GPU).
 
     Every block size named in `dot_blocks` feeds a tl.dot and must be >= 16 on the GPU;
     the interpreter would accept less, so all configs are checked here, at import.
     """
-    for config in [*gpu_configs, interpreter_config]:
+    if set(gpu_configs) != set(ARCHS):
+        raise ValueError(f"csrc_triton: config tables for {ARCHS}, got {sorted(gpu_configs)}")
+    for config in [*(c for table in gpu_configs.values() for c in table), interpreter_config]:
         small = {b: config.kwargs[b] for b in dot_blocks if config.kwargs[b] < MIN_DOT}
         if small:
             raise ValueError(f"csrc_triton: tl.dot blocks must be >= {MIN_DOT}, got {small}")
     if INTERPRET:
-        configs = [interpreter_config]
-    else:
-        configs = gpu_configs[:1] if PIN_FIRST_CONFIG else gpu_configs
-    return triton.autotune(configs=configs, key=key)
+        return triton.autotune(configs=[interpreter_config], key=key)
+    tables = {a: t[:1] if PIN_FIRST_CONFIG else list(t) for a, t in gpu_configs.items()}
+    configs = [c for t in tables.values() for c in t]
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": arch_pruner(tables)}
+    )
 
 
 def chosen_configs() -> dict[str, str]:

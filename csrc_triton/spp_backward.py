@@ -88,13 +88,24 @@ def _dx_config(bt: int, bn: int, bk: int, warps: int, stages: int, group: int = 
     )
 
 
-# First = the pinned config (SPP_TRITON_CONFIGS=first); all spill-free at sm_90a.
-DX_CONFIGS = [
-    _dx_config(64, 128, 64, 8, 3),
-    _dx_config(128, 128, 64, 8, 3),
-    _dx_config(64, 64, 64, 4, 4),
-    _dx_config(128, 128, 32, 8, 4),
-]
+# By architecture; first = the pinned config (SPP_TRITON_CONFIGS=first); every config
+# spill-free for its architecture in every variant (benchmarks/kernel_report.py --arch).
+# sm_80 (A100: no wgmma, mma.sync accumulators live in registers): BLOCK_K 32 or 2 stages,
+# as each of the sm_90a tiles spills there with dropout on a packed weight (12-14,024 B).
+DX_CONFIGS = {
+    "sm_90a": [
+        _dx_config(64, 128, 64, 8, 3),
+        _dx_config(128, 128, 64, 8, 3),
+        _dx_config(64, 64, 64, 4, 4),
+        _dx_config(128, 128, 32, 8, 4),
+    ],
+    "sm_80": [
+        _dx_config(128, 64, 32, 8, 3),
+        _dx_config(64, 128, 32, 8, 3),
+        _dx_config(64, 128, 64, 8, 2),
+        _dx_config(64, 64, 32, 4, 4),
+    ],
+}
 DX_INTERPRETER_CONFIG = _dx_config(16, 16, 16, 4, 1, group=2)
 
 
@@ -222,11 +233,11 @@ def _dab_config(bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-DAB_CONFIGS = [
-    _dab_config(64, 8, 3),
-    _dab_config(32, 4, 4),
-    _dab_config(64, 4, 3),
-]
+# (64, 4 warps, 3 stages) spills at sm_80 with dropout (24 B dense, 152 B packed).
+DAB_CONFIGS = {
+    "sm_90a": [_dab_config(64, 8, 3), _dab_config(32, 4, 4), _dab_config(64, 4, 3)],
+    "sm_80": [_dab_config(64, 8, 3), _dab_config(32, 4, 4)],
+}
 DAB_INTERPRETER_CONFIG = _dab_config(16, 4, 1)
 
 

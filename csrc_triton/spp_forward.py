@@ -77,13 +77,18 @@ def _config(bt: int, bm: int, bk: int, warps: int, stages: int, group: int = 8) 
     )
 
 
-# GPU configs, first = the pinned one (SPP_TRITON_CONFIGS=first). Each compiles without
-# spills at sm_90a for every variant (benchmarks/kernel_report.py, benchmarks/NOTES.md).
-FORWARD_CONFIGS = [
-    _config(64, 64, 64, 4, 4),
-    _config(128, 128, 64, 8, 3),
-    _config(128, 128, 32, 8, 4),
-]
+# GPU configs by architecture, first = the pinned one (SPP_TRITON_CONFIGS=first). Each
+# compiles without spills for its architecture in every variant (benchmarks/kernel_report.py
+# --arch, benchmarks/NOTES.md); the forward's three spill on neither, so both tables hold
+# them (as separate objects: the tables are tuned independently).
+FORWARD_CONFIGS = {
+    arch: [
+        _config(64, 64, 64, 4, 4),
+        _config(128, 128, 64, 8, 3),
+        _config(128, 128, 32, 8, 4),
+    ]
+    for arch in ("sm_90a", "sm_80")
+}
 # Small tiles under the interpreter: tests then cross many tile and group boundaries.
 FORWARD_INTERPRETER_CONFIG = _config(16, 16, 16, 4, 1, group=2)
 

@@ -399,13 +399,18 @@ def test_cases_cover_both_alpha_tile_paths():
     assert paths == {True, False}
 
 
+TABLES = {
+    "forward": spp_forward_mod.FORWARD_CONFIGS,
+    "dx": spp_backward_mod.DX_CONFIGS,
+    "dalpha_dbeta": spp_backward_mod.DAB_CONFIGS,
+}
+
+
 def test_every_tl_dot_block_is_at_least_16():
     configs = [
-        *spp_forward_mod.FORWARD_CONFIGS,
+        *(c for tables in TABLES.values() for table in tables.values() for c in table),
         spp_forward_mod.FORWARD_INTERPRETER_CONFIG,
-        *spp_backward_mod.DX_CONFIGS,
         spp_backward_mod.DX_INTERPRETER_CONFIG,
-        *spp_backward_mod.DAB_CONFIGS,
         spp_backward_mod.DAB_INTERPRETER_CONFIG,
     ]
     for config in configs:
@@ -413,6 +418,33 @@ def test_every_tl_dot_block_is_at_least_16():
             if name.startswith("BLOCK_"):
                 assert value >= MIN_DOT, (name, value)
     assert min(spp_backward_mod.DAB_BLOCK_M, spp_backward_mod.DAB_BLOCK_N) >= MIN_DOT
+
+
+@pytest.mark.parametrize(
+    "capability,arch", [((8, 0), "sm_80"), ((8, 6), "sm_80"), ((8, 9), "sm_80"),
+                        ((9, 0), "sm_90a"), ((10, 0), "sm_90a")],
+)  # fmt: skip
+@pytest.mark.parametrize("kernel", sorted(TABLES))
+def test_the_launch_device_capability_picks_its_config_table(monkeypatch, capability, arch,
+                                                             kernel):  # fmt: skip
+    """Issue 24: the GPU autotuner keeps only the table of the device it launches on (a
+    fake capability here; the interpreter always runs its one config)."""
+    from csrc_triton._launch import arch_of, arch_pruner
+
+    seen = []
+
+    def fake_capability(device=None):
+        seen.append(device)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", fake_capability)
+    tables = TABLES[kernel]
+    every = [c for table in tables.values() for c in table]
+    x = torch.zeros(2)
+    kept = arch_pruner(tables)(every, {}, x_ptr=x, tokens=2)
+    assert arch_of(capability) == arch
+    assert [id(c) for c in kept] == [id(c) for c in tables[arch]]
+    assert seen == [x.device]  # the launch tensor's device, not the current device
 
 
 def test_clear_errors():
