@@ -73,6 +73,11 @@ def _frozen_bytes(m: int, n: int, pattern: tuple[int, int] | None) -> int:
     return nm_packed_nbytes(m, n, *pattern, DTYPE)
 
 
+def _memory_row(kernel: str, provider: str, m: int, n: int, stats: Any, extra: dict) -> dict:
+    """A full-mode memory row of an (m, n) weight (x axis m*n)."""
+    return common.make_row(kernel, provider, "full", "memory", "m*n", m * n, stats, extra)
+
+
 def weight_bytes_rows() -> list[dict[str, Any]]:
     """Exact frozen-weight bytes per projection shape and per whole model (no allocation)."""
     rows = []
@@ -84,18 +89,7 @@ def weight_bytes_rows() -> list[dict[str, Any]]:
                 extra = {"model": model, "shape": [m, n], "dtype": "float16"}
                 extra["fraction"] = nbytes / dense
                 stats = common.Stats.single(_mib(nbytes))
-                rows.append(
-                    common.make_row(
-                        "nm_weight_bytes",
-                        _provider(pattern),
-                        "full",
-                        "memory",
-                        "m*n",
-                        m * n,
-                        stats,
-                        extra,
-                    )
-                )
+                rows.append(_memory_row("nm_weight_bytes", _provider(pattern), m, n, stats, extra))
         dims = LLAMA_DIMS[model]
         hidden, vocab, layers = dims["hidden_size"], dims["vocab_size"], dims["num_hidden_layers"]
         # Embeddings, LM head and the RMSNorm weights stay dense.
@@ -165,18 +159,7 @@ def layer_resident_rows(quick: bool, device: str) -> list[dict[str, Any]]:
                 }
                 provider = "dense" if fmt == "dense" else _provider(pattern)
                 stats = common.Stats.single(_mib(_module_bytes(layer)))
-                rows.append(
-                    common.make_row(
-                        "nm_layer_resident",
-                        provider,
-                        "full",
-                        "memory",
-                        "m*n",
-                        m * n,
-                        stats,
-                        extra,
-                    )
-                )
+                rows.append(_memory_row("nm_layer_resident", provider, m, n, stats, extra))
     return rows
 
 

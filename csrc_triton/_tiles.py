@@ -62,19 +62,8 @@ def frozen_weight_tile(
             other=0.0,
         )
     else:
-        w = nm_dense_tile(
-            w_ptr,
-            meta_ptr,
-            rows,
-            rows_ok,
-            col0,
-            n,
-            stride_wm,
-            stride_meta,
-            BLOCK_C,
-            N_KEEP,
-            NM_GROUP,
-        )
+        w = nm_dense_tile(w_ptr, meta_ptr, rows, rows_ok, col0, n, stride_wm, stride_meta,
+                          BLOCK_C, N_KEEP, NM_GROUP)  # fmt: skip
     return w
 
 

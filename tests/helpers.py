@@ -56,6 +56,17 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, *, dtype: torch.dtype | N
     return err
 
 
+def train_adapters(layer, in_features: int, steps: int, tokens: int = 8) -> None:
+    """`steps` AdamW steps (lr 1e-2) of a standalone SPP layer's alpha and beta on random
+    inputs (tokens, in_features), loss mean(y^2)."""
+    opt = torch.optim.AdamW([layer.alpha, layer.beta], lr=1e-2, weight_decay=0.01)
+    for _ in range(steps):
+        loss = layer(torch.randn(tokens, in_features)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 _TINY = dict(shapes.TINY, max_position_embeddings=256)
 
 

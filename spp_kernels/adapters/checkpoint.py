@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..utils.hf import check_finite
-from ..utils.io import apply_umask, fsync_dir, naming_errors
+from ..utils.io import apply_umask, fsync_dir, naming_errors, parse_json
 from .config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LEGACY_CONFIG_NAME, SPPConfig
 
 PEFT_KEY_PREFIX = "base_model.model."
@@ -188,12 +188,7 @@ def read_legacy_adapter(directory: str | os.PathLike) -> tuple[SPPConfig, dict[s
     text = metadata.get("spp_config") or (directory / LEGACY_CONFIG_NAME).read_text(
         encoding="utf-8"
     )
-    try:
-        old = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / LEGACY_CONFIG_NAME}: invalid JSON ({e.msg})") from None
-    if not isinstance(old, dict):
-        raise ValueError(f"{directory / LEGACY_CONFIG_NAME}: expected a JSON object")
+    old = parse_json(text, str(directory / LEGACY_CONFIG_NAME), dict)
     names = sorted({k.rsplit(".", 1)[0] for k in state}, key=_natural)
     if not names:
         raise ValueError(f"{weights}: no adapter tensors")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..utils.io import file_sha256
+from ..utils.io import file_sha256, parse_json
 from ..utils.seeding import derive_seed
 from .tokens import TokenSpan, encode_text_file
 
@@ -129,12 +129,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]] | str:
                 raise DataError(f"{p}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
             records.append(_check_record(obj, f"{p}:{lineno}"))
     elif suffix == ".json":
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(obj, list):
-            raise DataError(f"{p}: expected a JSON list of records, got {type(obj).__name__}")
+        obj = parse_json(raw, str(p), list, DataError)
         records = [_check_record(r, f"{p}: record {i}") for i, r in enumerate(obj)]
     else:
         if not raw.strip():

@@ -10,12 +10,14 @@ untouched.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +34,19 @@ __all__ = [
     "manifest_problem",
     "write_manifest",
 ]
+
+
+def parse_json(text: str, where: str, expected: type, error: type[Exception] = ValueError) -> Any:
+    """json.loads(text), which must be a JSON object (`expected` dict) or list (list); else
+    `error` with one line naming `where` (and the line and column of a syntax error)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(value, expected):
+        kind = "a JSON object" if expected is dict else "a JSON list"
+        raise error(f"{where}: expected {kind}, got {type(value).__name__}")
+    return value
 
 
 def fsync_dir(directory: Path) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 
 from spp_kernels import SPPLinear
 from spp_kernels.ops.reference import spp_linear_naive
+from tests.helpers import train_adapters
 
 
 def _pruned_linear(n=24, m=40, dtype=torch.float32, bias=True):
@@ -50,12 +51,7 @@ def test_training_preserves_zeros_bitwise_and_merge_matches():
     lin = _pruned_linear()
     w0 = lin.weight.detach().clone()
     layer = SPPLinear.from_linear(lin, r=5, scale=2.0, dropout=0.1, init="both_random")
-    opt = torch.optim.AdamW([layer.alpha, layer.beta], lr=1e-2, weight_decay=0.01)
-    for _ in range(5):
-        loss = layer(torch.randn(8, 24)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_adapters(layer, 24, steps=5)
     assert torch.equal(layer.weight.view(torch.int32), w0.view(torch.int32))
     merged = layer.merged_linear()  # a new nn.Linear; the layer is unchanged
     zeros = w0 == 0

@@ -18,7 +18,7 @@ from spp_kernels import SPPConfig, SPPLinear, get_spp_model, spp_linear_packed
 from spp_kernels.pruning.masks import nm_mask
 from spp_kernels.sparsity.nm import nm_packed_nbytes
 from spp_kernels.sparsity.packed import PackedWeight, packed_fraction
-from tests.helpers import HAS_CUDA, assert_close, make_tiny_llama
+from tests.helpers import HAS_CUDA, assert_close, make_tiny_llama, train_adapters
 
 # The Triton 3.6 interpreter turns 1-element loop bounds into ints via a deprecated numpy path.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
@@ -177,12 +177,7 @@ def test_training_steps_leave_packed_weight_untouched():
         nm_linear(), r=3, dropout=0.1, init="both_random", weight_format="nm"
     )
     values0, meta0 = layer.weight_values.clone(), layer.weight_meta.clone()
-    opt = torch.optim.AdamW([layer.alpha, layer.beta], lr=1e-2, weight_decay=0.01)
-    for _ in range(3):
-        loss = layer(torch.randn(6, 64)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_adapters(layer, 64, steps=3, tokens=6)
     assert torch.equal(layer.weight_values.view(torch.int32), values0.view(torch.int32))
     assert torch.equal(layer.weight_meta, meta0)
     assert layer.alpha.grad.abs().sum() > 0

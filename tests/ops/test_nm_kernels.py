@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
-from csrc_triton.nm_tiles import nm_dense_tile
+from csrc_triton.weight_chunks import weight_chunk
 from spp_kernels.ops import torch_backend, triton_backend
 from spp_kernels.ops.dropout import draw_keep_bits
 from spp_kernels.sparsity.nm import nm_compress, nm_decompress
@@ -73,38 +71,15 @@ def nm_sparse(m: int, n: int, n_keep: int, group: int, dtype: torch.dtype) -> to
     return (w * mask.view(m, n)).to(dtype).to(DEVICE)
 
 
-@triton.jit
-def _decode_kernel(
-    values_ptr,
-    meta_ptr,
-    out_ptr,
-    m,
-    n,
-    stride_values,
-    stride_meta,
-    N: tl.constexpr,
-    M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    col0 = tl.program_id(1) * BLOCK_C
-    cols = col0 + tl.arange(0, BLOCK_C)
-    mask = (rows < m)[:, None] & (cols < n)[None, :]
-    tile = nm_dense_tile(
-        values_ptr, meta_ptr, rows, rows < m, col0, n, stride_values, stride_meta, BLOCK_C, N, M
-    )
-    tl.store(out_ptr + rows[:, None] * n + cols[None, :], tile, mask=mask)
-
-
 def _device_decode(values, meta, n_keep, group, cols):
+    """The tile decoder (csrc_triton/nm_tiles.py) through the chunk launcher's "weight"
+    mode, into a NaN-poisoned output."""
     rows = values.shape[0]
     out = torch.full((rows, cols), float("nan"), dtype=values.dtype, device=values.device)
-    grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 32))
-    _decode_kernel[grid](
-        values, meta, out, rows, cols, values.stride(0), meta.stride(0), n_keep, group, 16, 32
-    )
-    return out
+    weight = PackedWeight(values, meta, n_keep, group, cols)
+    ones_a = torch.ones(1, cols, device=values.device)
+    return weight_chunk(weight, ones_a, torch.ones(rows, device=values.device), 1.0, 0, rows,
+                        "weight", out=out)  # fmt: skip
 
 
 @pytest.mark.parametrize("n_keep,group", [(2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (7, 8)])
