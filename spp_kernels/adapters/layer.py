@@ -517,10 +517,6 @@ class SPPLinear(SPPLayer, nn.Module, metaclass=_StandaloneForm):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SPPLinear: {name} must be an int >= 1, got {value!r}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(
-                f"SPPLinear: r must be an int in [1, out_features={out_features}], got {r!r}"
-            )
         config = SPPConfig(
             r=r, scale=scale, dropout=dropout, init=init, backend=backend,
             adapter_dtype=adapter_dtype,

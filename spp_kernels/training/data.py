@@ -108,11 +108,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]] | str:
     Raises `DataError` naming the file (and the line for JSONL) for a missing file,
     unparseable JSON, a record of the wrong shape or an empty dataset.
     """
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: data file not found")
-    if p.is_dir():
-        raise DataError(f"{p}: is a directory, expected a data file")
+    p = _data_file(Path(path))
     try:
         raw = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -148,13 +144,18 @@ def _require_tokenizer(tokenizer: Any, path: Path) -> None:
         )
 
 
-def _is_text_file(path: Path) -> bool:
-    """A plain-text data file (anything but .json / .jsonl) that exists."""
+def _data_file(path: Path) -> Path:
+    """`path`, or DataError when it is missing or a directory."""
     if not path.exists():
         raise DataError(f"{path}: data file not found")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a data file")
-    return path.suffix.lower() not in (".json", ".jsonl")
+    return path
+
+
+def _is_text_file(path: Path) -> bool:
+    """A plain-text data file (anything but .json / .jsonl) that exists."""
+    return _data_file(path).suffix.lower() not in (".json", ".jsonl")
 
 
 def _encode_file(tokenizer: Any, path: Path) -> Any:
