@@ -306,7 +306,9 @@ def _other_tables(rows: list[dict]) -> list[str]:
             _fmt(r["p20"]),
             _fmt(r["p80"]),
             ", ".join(
-                f"{k}={v}" for k, v in r["extra"].items() if k in ("shape", "sparsity", "dtype")
+                f"{k}={v}"
+                for k, v in r["extra"].items()
+                if k in ("shape", "sparsity", "dtype", "tokens_per_s", "spp_over_lora_tokens_s")
             ),
         ]
         for r in other

@@ -288,3 +288,48 @@ def test_cuda_timing_tops_up_slow_calls_to_min_reps(monkeypatch):
     assert calls[1]["rep"] == pytest.approx(3 * 40.0)  # 3 missing calls x median of the first
     assert stats == common.quantile_stats([40.0, 50.0, 45.0, 55.0, 60.0])
     assert stats.median == 50.0 and stats.p20 == pytest.approx(44.0)
+
+
+def test_small_step_measures_both_providers_on_the_same_pruned_base():
+    """bench_small_step (issue 24 part 2): LoRA and SPP rows at both dropout rates, with
+    SPP's tokens/s ratio computed from the two medians of the same run; a tiny LLaMA
+    stands in for the embedded SmolLM2 (which the full run loads)."""
+    from benchmarks import bench_small_step
+    from spp_kernels.pruning import prune
+
+    from .helpers import make_tiny_llama
+
+    def tiny():
+        model = make_tiny_llama(seed=3)
+        prune(model, "magnitude", "2:4", progress=False)
+        return model.requires_grad_(False)
+
+    rows = list(bench_small_step.run(quick=True, device="cpu", model_fn=tiny))
+    assert [(r["provider"], r["x_value"]) for r in rows] == [
+        ("lora", 0.0), ("spp", 0.0), ("lora", 0.05), ("spp", 0.05)
+    ]  # fmt: skip
+    for p in bench_small_step.DROPOUTS:
+        lora, spp = (r for r in rows if r["x_value"] == p)
+        assert spp["extra"]["spp_over_lora_tokens_s"] == round(lora["median"] / spp["median"], 3)
+        assert spp["extra"]["tokens_per_s"] == round(64 / (spp["median"] / 1e3), 1)
+        assert all(r["median"] > 0 and r["extra"]["sparsity"] == "2:4" for r in (lora, spp))
+    assert list(bench_small_step.run(quick=True, device="cuda")) == []
+    common.take_notes()
+
+
+def test_profile_small_step_lists_operators_of_both_providers():
+    """benchmarks.profile_small_step: one profiled step per provider; SPP's own autograd
+    node and the GEMMs appear, with call counts (a tiny LLaMA stands in for SmolLM2)."""
+    from benchmarks.profile_small_step import GEMMS, profile_providers
+    from spp_kernels.pruning import prune
+
+    from .helpers import make_tiny_llama
+
+    model = make_tiny_llama(seed=4)
+    prune(model, "magnitude", "2:4", progress=False)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    times = profile_providers(model.requires_grad_(False), ids, dropout=0.05)
+    assert set(times) == {"lora", "spp"}
+    assert any(key in times["spp"] for key in GEMMS) and any(k in times["lora"] for k in GEMMS)
+    assert "_EagerSPPLinear" in times["spp"] and "_EagerSPPLinear" not in times["lora"]
+    assert all(ms >= 0 and calls > 0 for ms, calls in times["spp"].values())

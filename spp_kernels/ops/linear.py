@@ -16,6 +16,10 @@ implementations carry it, so torch.compile traces each call as one node:
 with_base=False computes the adapter term alone (scale * Dropout(X) W'^T): the second and
 later adapters of a layer with several active ones.
 
+Eager calls on plain tensors run the same two bodies through one autograd.Function
+(`_EagerSPPLinear`), skipping torch.library's per-call dispatch; traced calls (torch.compile,
+export, fake or meta tensors) and tensor subclasses go through the custom ops.
+
 Dropout: the forward draws the keep-mask once, from `seed` on x's device
 (spp_kernels.ops.dropout.draw_keep_bits), or takes a caller's mask; it is saved for
 backward as bits (T * n / 8 bytes) and every kernel reads those bits.
@@ -42,8 +46,7 @@ def _no_bits(x: Tensor) -> Tensor:
     return x.new_empty(0, dtype=torch.uint8)
 
 
-@torch.library.custom_op("spp_kernels::spp_linear_fwd", mutates_args=())
-def spp_linear_fwd(
+def _forward_impl(
     x: Tensor,
     w: Tensor,
     w_meta: Tensor | None,
@@ -75,6 +78,11 @@ def spp_linear_fwd(
     return y, (_no_bits(x) if drawn is None else drawn)
 
 
+spp_linear_fwd = torch.library.custom_op("spp_kernels::spp_linear_fwd", mutates_args=())(
+    _forward_impl
+)
+
+
 @spp_linear_fwd.register_fake
 def _(x, w, w_meta, alpha, beta, bias, n_keep, group, scale, dropout_p, seed, keep, backend,
       with_base):  # fmt: skip
@@ -84,8 +92,7 @@ def _(x, w, w_meta, alpha, beta, bias, n_keep, group, scale, dropout_p, seed, ke
     return y, _no_bits(x)
 
 
-@torch.library.custom_op("spp_kernels::spp_linear_bwd", mutates_args=())
-def spp_linear_bwd(
+def _backward_impl(
     dy: Tensor,
     x: Tensor,
     w: Tensor,
@@ -117,6 +124,11 @@ def spp_linear_bwd(
     )
 
 
+spp_linear_bwd = torch.library.custom_op("spp_kernels::spp_linear_bwd", mutates_args=())(
+    _backward_impl
+)
+
+
 @spp_linear_bwd.register_fake
 def _(dy, x, w, w_meta, alpha, beta, n_keep, group, scale, dropout_p, keep, backend, with_base,
       need_dx, need_dalpha_dbeta):  # fmt: skip
@@ -139,13 +151,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, dy, _dbits):
+def _backward(ctx, dy, _dbits, bwd=spp_linear_bwd):
+    """Gradients of spp_linear_fwd's inputs; `bwd` computes (dX, dalpha, dbeta): the custom
+    op (what torch.compile traces) or its body (`_EagerSPPLinear`)."""
     x, w, w_meta, alpha, beta, bits = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dx, need_dab = need[0], need[3] or need[4]
     dx = dalpha = dbeta = dbias = None
     if need_dx or need_dab:
-        dx, dalpha, dbeta = spp_linear_bwd(
+        dx, dalpha, dbeta = bwd(
             dy, x, w, w_meta, alpha, beta, ctx.n_keep, ctx.group, ctx.scale, ctx.dropout_p,
             bits, ctx.backend, ctx.with_base, need_dx, need_dab,
         )  # fmt: skip
@@ -158,6 +172,38 @@ def _backward(ctx, dy, _dbits):
 
 
 spp_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerSPPLinear(torch.autograd.Function):
+    """The custom op pair's autograd without torch.library's dispatch: the same bodies,
+    `_setup_context` and `_backward`, for eager calls on plain tensors. The dispatch costs
+    about 0.1 ms of Python per layer call (torch.library's argument normalisation and
+    redispatch, forward and backward): a visible share of a step at small shapes on a CPU
+    (benchmarks/NOTES.md, issue 24 part 2). Traced calls use the custom ops."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, dbits):
+        return _backward(ctx, dy, dbits, bwd=_backward_impl)
+
+
+def _eager(*tensors: Tensor | None) -> bool:
+    """Whether a call may skip the custom op: not traced (torch.compile, export, fake or
+    meta tensors) and no tensor subclass (DTensor and the like dispatch through the op)."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.device.type == "meta"):
+            return False
+    return True
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 @dataclass(frozen=True)
@@ -212,7 +258,8 @@ def _call(
     else:
         seed = torch.zeros((), dtype=torch.int64)
     w, w_meta, n_keep, group = flatten(weight)
-    y, _ = spp_linear_fwd(
+    op = _EagerSPPLinear.apply if _eager(x2d, w, alpha, beta, bias) else spp_linear_fwd
+    y, _ = op(
         x2d, w.detach(), w_meta, alpha, beta, bias, n_keep, group, float(term.scale), p, seed,
         keep, resolved, bool(term.with_base),
     )  # fmt: skip

@@ -42,6 +42,18 @@ def test_pack_and_unpack_are_inverse_with_zero_padding(n):
         assert int((bits[:, -1] >> (n % 8)).max()) == 0
 
 
+def test_every_byte_packs_to_its_value_and_cpu_masks_did_not_change():
+    """The packing (eight bools read as one word, bits gathered by one multiplication,
+    issue 24 part 2) against the per-bit definition for all 256 bytes; and the CPU mask of
+    a fixed seed is the one earlier versions drew (committed results stay reproducible)."""
+    import hashlib
+
+    lanes = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
+    assert torch.equal(pack_keep_mask(lanes), torch.arange(256).to(torch.uint8)[:, None])
+    bits = draw_keep_bits(300, 203, 0.05, 42, "cpu")
+    assert hashlib.sha256(bits.numpy().tobytes()).hexdigest()[:16] == "908a6323a8aa7cb1"
+
+
 def test_cpu_draws_are_deterministic_per_seed_and_have_the_right_rate():
     a = draw_keep_bits(300, 203, 0.25, 42, "cpu")
     assert torch.equal(a, draw_keep_bits(300, 203, 0.25, 42, "cpu"))

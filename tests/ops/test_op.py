@@ -184,3 +184,37 @@ def test_float64_refused_on_triton_backend():
     x, w, alpha, beta, bias = _inputs(3, 8, 8, 2)
     with pytest.raises(TypeError, match="not supported by the triton backend"):
         spp_linear(x, w, alpha, beta, bias, backend="triton")
+
+
+def test_eager_calls_skip_the_custom_op_dispatch_and_match_it_bitwise(monkeypatch):
+    """Issue 24 part 2: eager calls on plain tensors run the custom ops' bodies through one
+    autograd.Function (no torch.library dispatch, ~0.1 ms per layer call); outputs and
+    every gradient equal the custom op's bit for bit (dropout, bias, 3-D input). The op is
+    still what torch.compile traces (tests/ops/test_compile.py) and what meta tensors and
+    tensor subclasses reach."""
+    from spp_kernels.ops import linear
+
+    calls = []
+    real_op = linear.spp_linear_fwd
+
+    def counting_op(*args):
+        calls.append(args[0].device.type)
+        return real_op(*args)
+
+    monkeypatch.setattr(linear, "spp_linear_fwd", counting_op)
+    x, w, alpha, beta, bias = _inputs(9, 40, 24, 8, dtype=torch.float32)
+    kw = dict(dropout_p=0.2, seed=7, scale=1.5)
+    eager = _outputs_and_grads(spp_linear, x, w, alpha, beta, bias, **kw)
+    assert calls == []
+    monkeypatch.setattr(linear, "_eager", lambda *tensors: False)
+    dispatched = _outputs_and_grads(spp_linear, x, w, alpha, beta, bias, **kw)
+    assert calls == ["cpu"]
+    for a, b in zip(eager, dispatched, strict=True):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+
+    class Subclass(torch.Tensor):
+        pass
+
+    assert not linear._eager(x.to("meta")) and not linear._eager(x, alpha.as_subclass(Subclass))
+    assert linear._eager(x, None, torch.nn.Parameter(alpha))
