@@ -1,6 +1,6 @@
 """Profile one small-shape training step (bench_small_step's models) with torch.profiler.
 
-    python -m benchmarks.profile_small_step [--dropout 0.05] [--rows 20]
+    python -m benchmarks.profile_small_step [--dropout 0.05] [--rows 15]
 
 One thread, the embedded SmolLM2 pruned 2:4, 1 x 256 tokens, AdamW: after two untimed
 steps, one step of SPP and one of peft LoRA run under torch.profiler (CPU activities).

@@ -105,9 +105,13 @@ _GATHER_BYTES = 0x0102040810204080
 
 
 def _pack_rows(keep: torch.Tensor) -> torch.Tensor:
-    """bool (tokens, 8 * nb), contiguous -> uint8 (tokens, nb): each run of eight bools read
-    as one int64 word and its eight low bits gathered by one multiplication."""
+    """bool (tokens, 8 * nb) -> uint8 (tokens, nb): each run of eight bools read as one int64
+    word and its eight low bits gathered by one multiplication."""
     tokens, width = keep.shape
+    if width == 0:
+        return keep.new_zeros((tokens, 0), dtype=torch.uint8)
+    if keep.stride(-1) != 1 or keep.storage_offset() % 8 or keep.stride(0) % 8:
+        keep = keep.clone(memory_format=torch.contiguous_format)  # the int64 view needs it
     if sys.byteorder != "little":  # the word view assumes lane k at bits 8k .. 8k + 7
         lanes = keep.view(tokens, width // 8, 8).view(torch.uint8)
         out = lanes[..., 0].clone()

@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..sparsity.packed import PackedWeight
 from .backends import implementation, resolve_backend
@@ -177,9 +179,10 @@ spp_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 class _EagerSPPLinear(torch.autograd.Function):
     """The custom op pair's autograd without torch.library's dispatch: the same bodies,
     `_setup_context` and `_backward`, for eager calls on plain tensors. The dispatch costs
-    about 0.1 ms of Python per layer call (torch.library's argument normalisation and
+    about 0.15 ms of Python per layer call (torch.library's argument normalisation and
     redispatch, forward and backward): a visible share of a step at small shapes on a CPU
-    (benchmarks/NOTES.md, issue 24 part 2). Traced calls use the custom ops."""
+    (benchmarks/NOTES.md, issue 24 part 2). Traced calls use the custom ops. Like the op
+    (whose backward has no autograd formula), it is differentiable once."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -188,22 +191,29 @@ class _EagerSPPLinear(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, dbits):
         return _backward(ctx, dy, dbits, bwd=_backward_impl)
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def _eager(*tensors: Tensor | None) -> bool:
-    """Whether a call may skip the custom op: not traced (torch.compile, export, fake or
-    meta tensors) and no tensor subclass (DTensor and the like dispatch through the op)."""
-    if torch.compiler.is_compiling():
+    """Whether a call may skip the custom op: nothing traces or transforms it (torch.compile,
+    export, make_fx and other dispatch modes, jit tracing, torch.func), no fake or meta
+    tensor and no tensor subclass (DTensor and the like dispatch through the op)."""
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+        or _get_current_dispatch_mode() is not None
+    ):
         return False
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.device.type == "meta"):
             return False
     return True
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 @dataclass(frozen=True)
@@ -258,7 +268,12 @@ def _call(
     else:
         seed = torch.zeros((), dtype=torch.int64)
     w, w_meta, n_keep, group = flatten(weight)
-    op = _EagerSPPLinear.apply if _eager(x2d, w, alpha, beta, bias) else spp_linear_fwd
+    if not _eager(x2d, w, alpha, beta, bias):
+        op = spp_linear_fwd
+    elif torch.is_grad_enabled():
+        op = _EagerSPPLinear.apply
+    else:
+        op = _forward_impl  # nothing to save for a backward
     y, _ = op(
         x2d, w.detach(), w_meta, alpha, beta, bias, n_keep, group, float(term.scale), p, seed,
         keep, resolved, bool(term.with_base),

@@ -42,16 +42,26 @@ def test_pack_and_unpack_are_inverse_with_zero_padding(n):
         assert int((bits[:, -1] >> (n % 8)).max()) == 0
 
 
-def test_every_byte_packs_to_its_value_and_cpu_masks_did_not_change():
+def test_every_byte_and_every_layout_packs_by_the_per_bit_definition():
     """The packing (eight bools read as one word, bits gathered by one multiplication,
-    issue 24 part 2) against the per-bit definition for all 256 bytes; and the CPU mask of
-    a fixed seed is the one earlier versions drew (committed results stay reproducible)."""
-    import hashlib
+    issue 24 part 2) against bit i % 8 of byte i // 8: all 256 bytes, a real CPU draw
+    repacked, and bool masks whose storage offset or row stride is not a multiple of 8."""
+
+    def per_bit(keep):
+        lanes = keep.contiguous().view(keep.shape[0], -1, 8).to(torch.uint8)
+        return (lanes << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
 
     lanes = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
     assert torch.equal(pack_keep_mask(lanes), torch.arange(256).to(torch.uint8)[:, None])
     bits = draw_keep_bits(300, 203, 0.05, 42, "cpu")
-    assert hashlib.sha256(bits.numpy().tobytes()).hexdigest()[:16] == "908a6323a8aa7cb1"
+    keep = torch.nn.functional.pad(unpack_keep_mask(bits, 203), (0, 5))
+    assert torch.equal(per_bit(keep), bits)
+    big = torch.rand(4 * 40 + 4) > 0.5
+    offset = big[4:].view(4, 40)  # storage offset 4
+    strided = (torch.rand(1, 100) > 0.5)[:, :16]  # row stride 100
+    for mask in (offset, strided):
+        assert torch.equal(pack_keep_mask(mask), per_bit(mask))
+    assert pack_keep_mask(torch.ones(3, 0, dtype=torch.bool)).shape == (3, 0)
 
 
 def test_cpu_draws_are_deterministic_per_seed_and_have_the_right_rate():

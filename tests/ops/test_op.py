@@ -218,3 +218,30 @@ def test_eager_calls_skip_the_custom_op_dispatch_and_match_it_bitwise(monkeypatc
 
     assert not linear._eager(x.to("meta")) and not linear._eager(x, alpha.as_subclass(Subclass))
     assert linear._eager(x, None, torch.nn.Parameter(alpha))
+
+
+def test_traced_transformed_and_twice_differentiated_calls_keep_the_ops_behaviour():
+    """Review of issue 24 part 2: make_fx (a dispatch mode over real tensors) records the
+    custom op, not its body with the seed baked in; inside torch.func transforms a call
+    goes to the custom op as before; a second derivative is refused, as the op refuses it,
+    instead of being silently wrong."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from spp_kernels.ops import linear
+
+    x, w, alpha, beta, _ = _inputs(5, 16, 8, 4)
+    graph = make_fx(lambda x2: spp_linear(x2, w, alpha, beta, dropout_p=0.1, seed=3))(x[0])
+    assert "spp_kernels.spp_linear_fwd" in graph.code
+    seen = []
+
+    def record(a):
+        seen.append(linear._eager(x, a))
+        return (a * 2).sum()
+
+    torch.func.grad(record)(alpha)
+    assert seen == [False] and linear._eager(x, alpha)
+    xr = x.clone().requires_grad_()
+    y = spp_linear(xr, w, alpha.clone().requires_grad_(), beta)
+    (gx,) = torch.autograd.grad(y.sum(), xr, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
