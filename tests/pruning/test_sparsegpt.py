@@ -222,3 +222,37 @@ def test_whole_model_matches_sequential_reference(sparsity, mask):
     for name, value in expected.items():
         assert torch.equal(params[name] == 0, value == 0), name
         torch.testing.assert_close(params[name].detach(), value, rtol=1e-7, atol=1e-8)
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_masks_and_weights_do_not_move_with_the_thread_count(restore_threads):
+    """Issue 23 item 1: magnitude, Wanda and SparseGPT give the same bits with 1, 2 and 4
+    threads. SparseGPT's Cholesky factor of H^-1 used to depend on LAPACK's thread count
+    (576 inputs is enough to show it); the pruning runs now factor on one CPU thread.
+    Wanda and magnitude need nothing: their reductions are per element or per row."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1024, 576, generator=gen) * torch.rand(576, generator=gen) * 3
+    weight = torch.randn(192, 576, generator=gen)
+    acc = HessianAccumulator(576, torch.device("cpu"))
+    acc.add(x)
+    results = []
+    for threads in (1, 2, 4):
+        torch.set_num_threads(threads)
+        results.append(
+            [
+                sparsegpt_prune_weight(weight.clone(), acc.hessian, (2, 4)),
+                sparsegpt_prune_weight(weight.clone(), acc.hessian, 0.5),
+                wanda_prune_weight(weight.clone(), x.norm(dim=0), 0.5),
+                magnitude_prune_weight(weight.clone(), (2, 4)),
+            ]
+        )
+        assert torch.get_num_threads() == threads  # given back after the factorisation
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
