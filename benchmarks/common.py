@@ -365,6 +365,32 @@ def _version(module: str) -> str | None:
         return None
 
 
+# The libraries whose versions can move a committed number (model code, tokenisation,
+# adapters, data, evaluation); recorded in every result file's meta. The versions the
+# committed numbers were made with are pinned in constraints.txt (installed by the Makefile).
+LIBRARIES = ("transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy",
+             "datasets", "lm-eval", "trl")  # fmt: skip
+
+
+def library_versions() -> dict[str, str | None]:
+    """{distribution: installed version, or None when it is not installed} of LIBRARIES."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def versions_line(meta: dict[str, Any]) -> str:
+    """'torch 2.13.0+cpu, transformers 5.23.0, ...' for a result file's header."""
+    libs = [f"{k} {v}" for k, v in meta.get("libraries", {}).items() if v is not None]
+    return ", ".join([f"torch {meta['torch']}", *libs])
+
+
 def metadata(device: str, quick: bool) -> dict[str, Any]:
     """Device, versions and time of a run; `label` says how to read the numbers."""
     now = datetime.now(timezone.utc)
@@ -389,6 +415,7 @@ def metadata(device: str, quick: bool) -> dict[str, Any]:
         "timestamp": now.isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "triton": _version("triton"),
+        "libraries": library_versions(),
         "cuda": torch.version.cuda if not on_cpu else None,
         "driver": _driver_version() if not on_cpu else None,
         "gpu": torch.cuda.get_device_name(0) if not on_cpu else None,

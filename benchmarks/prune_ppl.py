@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import metadata, result_stem, write_json_atomic
+from benchmarks.common import metadata, result_stem, versions_line, write_json_atomic
 
 CALIB_WINDOWS, CALIB_SEQLEN = 128, 128
 EVAL_TOKENS, EVAL_SEQLEN = 8192, 512
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
     lines = [f"{meta['model']}, {meta['device']}, {meta['date']}; calibration "
              f"{meta['calibration']}, {meta['eval']} ({SOURCE}).", "",
+             f"Versions: {versions_line(meta)}.", "",
              "| method | sparsity | SparseGPT mask | held-out ppl | prune s |",
              "|---|---|---|---:|---:|"]  # fmt: skip
     for r in rows:

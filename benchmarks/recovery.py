@@ -38,7 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import measure_peak_memory, metadata, result_stem, write_json_atomic
+from benchmarks.common import (
+    measure_peak_memory,
+    metadata,
+    result_stem,
+    versions_line,
+    write_json_atomic,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = [  # (label, method, sparsity, sparsegpt mask, trained methods)
@@ -245,6 +251,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Recovery on {meta['model']}, {meta['device']} ({meta['cpu_threads']} threads), "
         f"{meta['date']}; data: {meta['data']}.",
+        "",
+        f"Versions: {versions_line(meta)}.",
         "",
         "| setting | method | held-out ppl | wiki_title_mc acc | sparsity | zeros kept | "
         "trainable | lr | train s | step peak MiB |",

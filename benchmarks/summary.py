@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bench_linear, bench_model, roofline
-from .common import write_json_atomic
+from .common import versions_line, write_json_atomic
 
 LINEAR = bench_linear.KERNEL
 MODEL = bench_model.KERNEL
@@ -356,6 +356,7 @@ def markdown_report(
         f"**{meta['label']}**\n",
         f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
         f"{meta['cpu_threads']} CPU threads, {meta['timestamp']}. Method: benchmarks/NOTES.md.\n",
+        f"Versions: {versions_line(meta)}.\n",
     ]
     if errors:
         lines += ["Errors:\n", *(f"- [{e['bench']}] {e['error']}" for e in errors), ""]
