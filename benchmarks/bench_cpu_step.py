@@ -17,8 +17,6 @@ median is ms per step. Quick mode: 256 x 256 at 512 tokens, 1 + 5 steps.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -85,15 +83,7 @@ def run(quick: bool, device: str):
     }  # fmt: skip
     for p in DROPOUTS:
         steps = {name: _step(name, tensors, p, seed=1) for name in PROVIDERS}
-        for _ in range(size["warmup"]):
-            for fn in steps.values():
-                fn()
-        times: dict[str, list[float]] = {name: [] for name in PROVIDERS}
-        for _ in range(size["reps"]):
-            for name, fn in steps.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - start) * 1e3)
+        times = common.interleaved_times(steps, size["warmup"], size["reps"])
         for name in PROVIDERS:
             stats = common.quantile_stats(times[name])
             yield common.make_row(

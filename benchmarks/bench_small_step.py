@@ -11,8 +11,7 @@ Rank 8 LoRA and r = 16 SPP train about the same number of parameters. A step is 
 backward and AdamW (lr 1e-4) on one sequence of 256 token ids (labels = inputs). Fixed
 repetitions: 2 untimed steps, then 8 timed steps per provider, interleaved so machine load
 hits both alike; the row median is ms per step and `extra` carries tokens/s and SPP's
-tokens/s relative to LoRA's of the same run. Quick mode: 64 tokens, 1 + 3
-steps.
+tokens/s relative to LoRA's of the same run. Quick mode: 64 tokens, 1 + 3 steps.
 
 At these shapes an SPP step does three GEMMs per projection at p = 0 (X W_eff^T, dY W_eff,
 G = dY^T X) and five at p > 0, LoRA two plus rank-8 products; the rest is host-side work
@@ -22,19 +21,18 @@ around the GEMMs (benchmarks/NOTES.md, issue 24 part 2).
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from . import common
+from .bench_model import TARGETS
 
 BENCH = "small_step"
 KERNEL = "smollm2_step"
 PROVIDERS = ("lora", "spp")
 DROPOUTS = (0.0, 0.05)
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 R, LORA_RANK, SCALE, LR = 16, 8, 2.0, 1e-4
 FULL = dict(tokens=256, warmup=2, reps=8)
 QUICK = dict(tokens=64, warmup=1, reps=3)
@@ -78,20 +76,6 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def interleaved_times(steps: dict[str, Callable[[], None]], warmup: int, reps: int):
-    """{name: [ms per timed step]}: every step function run in turn, warm-up untimed."""
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, fn in steps.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def run(quick: bool, device: str, model_fn: Callable[[], torch.nn.Module] = base_model):
     """Rows (time, ms per step) of LoRA and SPP at both dropout rates; CPU only."""
     if device != "cpu":
@@ -108,7 +92,7 @@ def run(quick: bool, device: str, model_fn: Callable[[], torch.nn.Module] = base
     }  # fmt: skip
     for p in DROPOUTS:
         steps = {name: make_step(attach(base, name, p), ids) for name in PROVIDERS}
-        times = interleaved_times(steps, size["warmup"], size["reps"])
+        times = common.interleaved_times(steps, size["warmup"], size["reps"])
         stats = {name: common.quantile_stats(times[name]) for name in PROVIDERS}
         ratio = stats["lora"].median / stats["spp"].median
         for name in PROVIDERS:

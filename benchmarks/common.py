@@ -191,6 +191,23 @@ def quantile_stats(times_ms: Sequence[float]) -> Stats:
     return Stats(*q)
 
 
+def interleaved_times(
+    steps: dict[str, Callable[[], Any]], warmup: int, reps: int
+) -> dict[str, list[float]]:
+    """{name: [ms per timed call]} (CPU wall time): `warmup` untimed rounds, then `reps`
+    rounds in which every function runs once in turn, so machine load hits all alike."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def _reset_grads(tensors: Iterable[torch.Tensor]) -> None:
     for t in tensors:
         t.grad = None
