@@ -31,7 +31,7 @@ TIERS = {
 # Every module, by tier (a new module is added here on purpose; a stale name fails).
 MODULES = {
     "compat": [""],
-    "utils": ["", "hf", "hyperparameters", "io", "lazy", "seeding", "shapes"],
+    "utils": ["", "hf", "hyperparameters", "io", "lazy", "seeding", "shapes", "threads"],
     "sparsity": ["", "nm", "packed", "semi_structured", "compressed", "sparse24", "report",
                  "hf_quantizer", "hf_conversion"],
     "ops": ["", "operand", "backends", "validation", "groups", "dropout", "reference", "chunked",

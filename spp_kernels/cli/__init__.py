@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ..utils.threads import torch_threads
 from .output import UserError, first_line
 from .parser import build_parser
 
@@ -96,28 +97,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    import torch
-
     debug = bool(getattr(args, "debug", False) or os.environ.get("SPP_DEBUG"))
     saved_logging = _setup_logging(args.quiet)
-    saved_threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        print(f"spp {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if debug:
-            raise
-        peer = peer_failure(e)
-        if peer is not None:
-            print(f"spp {args.command}: {peer}", file=sys.stderr)
+    # main() can be called in-process: leave the caller's logging and threads as they were.
+    with torch_threads(args.threads):
+        try:
+            return int(args.func(args))
+        except KeyboardInterrupt:
+            print(f"spp {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if debug:
+                raise
+            peer = peer_failure(e)
+            if peer is not None:
+                print(f"spp {args.command}: {peer}", file=sys.stderr)
+                return 1
+            print(f"spp {args.command}: error: {describe_error(e)}", file=sys.stderr)
             return 1
-        print(f"spp {args.command}: error: {describe_error(e)}", file=sys.stderr)
-        return 1
-    finally:
-        # main() can be called in-process: leave the caller's logging and threads as they were.
-        _restore_logging(saved_logging)
-        torch.set_num_threads(saved_threads)
+        finally:
+            _restore_logging(saved_logging)

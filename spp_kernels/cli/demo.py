@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..utils.threads import torch_threads
 from .embedded import EMBEDDED, default_model_file, embedded_model_file
 from .models import load_model, resolve_device, sparsity_of, zero_masks
 from .output import UserError, emit, format_table
@@ -151,11 +152,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
     torch's thread count is restored on return.
     """
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads(None):
         return _run_demo(options)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_demo(options: DemoOptions) -> dict[str, Any]:

@@ -35,10 +35,9 @@ weight is float64) whatever the model's dtype.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from ..utils.threads import torch_threads
 from .masks import Sparsity, kept_per_row
 
 BLOCKSIZE = 128
@@ -66,33 +65,19 @@ def _work_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """torch on one thread inside the block when `device` is the CPU: LAPACK's blocked,
-    multi-threaded Cholesky and inverse round differently with the thread count, which
-    moved SparseGPT's masks between machines (issue 23); one thread fixes the order."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = PERCDAMP) -> torch.Tensor:
     """U, the upper Cholesky factor of (H + damp I)^-1 with damp = percdamp * mean(diag H).
 
     hessian: (n, n). Dead inputs (zero diagonal) get H[i, i] = 1 first. On the CPU the
-    factorisations run on one thread, so U is the same bits for any thread count.
+    factorisations run on one thread, so U is the same bits for any thread count: LAPACK's
+    blocked, multi-threaded Cholesky and inverse round differently with the thread count,
+    which moved SparseGPT's masks between machines (issue 23).
     """
     h = hessian.clone()
     diag = torch.diagonal(h)
     diag[diag == 0] = 1.0
     diag += percdamp * diag.mean()
-    with _one_cpu_thread(h.device):
+    with torch_threads(1 if h.device.type == "cpu" else None):
         chol, info = torch.linalg.cholesky_ex(h)
         if int(info):
             raise RuntimeError(

@@ -1,4 +1,5 @@
-"""Bottom tier: atomic file writes (`io`), Hugging Face model helpers (`hf`), seeds (`seeding`).
+"""Bottom tier: atomic file writes (`io`), Hugging Face model helpers (`hf`), seeds (`seeding`),
+torch's thread count for a block (`threads`).
 
 Nothing here imports another spp_kernels subpackage.
 """
