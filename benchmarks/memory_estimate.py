@@ -15,7 +15,12 @@ Per GPU, for `spp train --bf16` (frozen weights bf16, adapters fp32, AdamW):
               plus one layer's activations during its recomputation
   logits      the (tokens, vocab) logits in fp32 for the loss, and their gradient
 Replicated (DDP) frozen weights on every GPU; with --fsdp (FSDP2) weights, adapters and
-optimizer state are divided by the number of GPUs (activations are not). Allocator
+optimizer state are divided by the number of GPUs (activations are not). DeepSpeed ZeRO-3
+(`--deepspeed configs/deepspeed/zero3.json`) partitions the dense bf16 weights (DeepSpeed
+partitions parameters, not the packed format's buffers) and the adapters' states the same
+way, and holds at most `stage3_max_live_parameters` (DeepSpeed's default 1e9) gathered
+parameters at a time; with offload (`zero3_offload.json`) the partitions and AdamW live in
+CPU memory and the GPU keeps only the gathered parameters, activations and logits. Allocator
 fragmentation, CUDA context (~0.5 GiB) and temporary buffers (the row-chunked W_eff of the
 large-token path, at most 64 MiB per call) come on top.
 """
@@ -120,6 +125,42 @@ def table(tokens: int, gpus: int, r: int) -> str:
     return "\n".join(lines)
 
 
+MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's stage3_max_live_parameters default
+
+
+def totals(c: dict, tokens: int, gpus: int, r: int) -> dict[str, dict[str, float]]:
+    """Per-GPU GiB (and host GiB for offload) of one model under each engine, all with
+    activation checkpointing: {engine: {"gpu": ..., "host": ...}}."""
+    ddp = estimate(c, tokens, gpus, r, fsdp=False, ckpt=True)
+    fsdp = estimate(c, tokens, gpus, r, fsdp=True, ckpt=True)
+    step = ddp["activations"] + ddp["logits"]
+    live = min(MAX_LIVE_PARAMETERS, n_params(c)) * 2 / GIB
+    zero3 = fsdp["frozen dense"] + fsdp["adapters+grad+AdamW"] + live + step
+    return {
+        "DDP, packed 2:4": {"gpu": ddp["frozen packed 2:4"] + ddp["adapters+grad+AdamW"] + step,
+                            "host": 0.0},
+        f"FSDP2 /{gpus}, packed 2:4": {
+            "gpu": fsdp["frozen packed 2:4"] + fsdp["adapters+grad+AdamW"] + step, "host": 0.0},
+        f"ZeRO-3 /{gpus}, dense bf16": {"gpu": zero3, "host": 0.0},
+        f"ZeRO-3 /{gpus} + CPU offload": {
+            "gpu": live + step, "host": ddp["frozen dense"] + ddp["adapters+grad+AdamW"]},
+    }  # fmt: skip
+
+
+def totals_table(tokens: int, gpus: int, r: int, model: str = "LLaMA-2-70B") -> str:
+    lines = [
+        f"{model}, {gpus} GPUs, {tokens} tokens per GPU, r = {r}, --gradient-checkpointing: "
+        "per-GPU total (GiB, from shapes; host = CPU memory of the whole node).",
+        "",
+        "| engine | per GPU | host (node) |",
+        "|---|---:|---:|",
+    ]
+    for name, row in totals(SHAPES[model], tokens, gpus, r).items():
+        host = f"{row['host']:.1f}" if row["host"] else "-"
+        lines.append(f"| {name} | {row['gpu']:.1f} | {host} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_estimate")
     parser.add_argument("--tokens-per-gpu", type=int, default=8192)
@@ -127,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--r", type=int, default=16)
     args = parser.parse_args(argv)
     print(table(args.tokens_per_gpu, args.gpus, args.r))
+    print()
+    print(totals_table(args.tokens_per_gpu, args.gpus, args.r))
     return 0
 
 

@@ -12,6 +12,7 @@ plus weights, optionally a tokenizer) or from a local .gguf file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -100,7 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False) or os.environ.get("SPP_DEBUG"))
     saved_logging = _setup_logging(args.quiet)
     # main() can be called in-process: leave the caller's logging and threads as they were.
-    with torch_threads(args.threads):
+    # stdout carries the command's result only (a table, or JSON with --json): anything a
+    # library prints while the command runs (DeepSpeed logs to stdout) goes to stderr.
+    args.result_stream = sys.stdout
+    with torch_threads(args.threads), contextlib.redirect_stdout(sys.stderr):
         try:
             return int(args.func(args))
         except KeyboardInterrupt:

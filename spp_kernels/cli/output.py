@@ -64,11 +64,12 @@ def strict_json(result: Any) -> tuple[Any, dict[str, str]]:
 def emit(args: argparse.Namespace, result: dict[str, Any], table: str) -> None:
     """Print `result` as strict JSON (with --json) or `table` to stdout. Non-finite numbers
     become null, and the field "nonfinite" names each with its value ("nan", "inf")."""
+    stream = getattr(args, "result_stream", None) or sys.stdout
     if args.json:
         clean, nonfinite = strict_json(result)
         if nonfinite:
             clean["nonfinite"] = nonfinite
-        print(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False))
+        print(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False), file=stream)
     else:
-        print(table)
-    sys.stdout.flush()
+        print(table, file=stream)
+    stream.flush()

@@ -95,7 +95,7 @@ ADAPTER_OPTIONS = ("r", "scale", "dropout", "init", "backend", "weight_format")
 TRAIN_OPTIONS = (
     "lr", "epochs", "batch_size", "grad_accum", "max_steps", "warmup_ratio", "weight_decay",
     "kd_weight", "kd_temperature", "save_every", "keep_checkpoints", "skip_nonfinite",
-    "stop_after", "group_by_length",
+    "stop_after", "group_by_length", "logging_steps", "report_to",
 )  # fmt: skip
 
 
@@ -109,9 +109,12 @@ def _train_parser(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train SPP adapters on a pruned model (one process, or torchrun / accelerate launch)",
-        description="Train SPP adapters. Several processes: torchrun --nproc_per_node N -m "
-        "spp_kernels train ... (or accelerate launch -m spp_kernels train ...): data-parallel "
-        "by default, FSDP2 with --fsdp; --batch-size is per process.",
+        description="Train SPP adapters with transformers' Trainer. Several processes: "
+        "torchrun --nproc_per_node N -m spp_kernels train ... (or accelerate launch -m "
+        "spp_kernels train ..., with an accelerate config file choosing DDP, FSDP2 or "
+        "DeepSpeed): data-parallel by default, FSDP2 with --fsdp, DeepSpeed with --deepspeed "
+        "CONFIG.json; --batch-size is per process. Checkpoints are Trainer's (--out/checkpoint-N, "
+        "openable by peft).",
     )
     p.add_argument("--model", required=True, help="pruned HF model directory")
     p.add_argument(
@@ -131,6 +134,8 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--bf16", action="store_true", help="bf16 frozen weights, fp32 adapters")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (several processes)")
+    p.add_argument("--deepspeed", metavar="CONFIG.json",
+                   help="DeepSpeed config file (ZeRO-2/3, offload), as Trainer's --deepspeed")  # fmt: skip
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory)")  # fmt: skip
     p.add_argument(

@@ -1,9 +1,10 @@
-"""`spp train`: SPP adapters on a pruned model, one process or several, resumable.
+"""`spp train`: SPP adapters on a pruned model with transformers' Trainer, resumable.
 
 One process: `spp train ...`. Several: `torchrun --nproc_per_node N -m spp_kernels train ...`
-or `accelerate launch -m spp_kernels train ...` (data-parallel by default, FSDP2 with
---fsdp; spp_kernels.training.engine). Every process loads the model and the data; rank 0
-owns --out (its lock, the checkpoints, the final adapter) and prints the result.
+or `accelerate launch [--config_file cfg.yaml] -m spp_kernels train ...` (DDP by default,
+FSDP2 with --fsdp or an accelerate FSDP config, DeepSpeed with --deepspeed; see
+spp_kernels.training.train). Every process loads the model and the data; rank 0 owns --out
+(its lock, Trainer's checkpoint-N directories, the final adapter) and prints the result.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .inputs import WIKIPEDIA, wikipedia, window_length
-from .models import load_model, resolve_device
+from .models import load_model, resolve_device, target_linears
 from .outdir import owned_output
 from .output import UserError, emit, first_line, format_table
 from .parser import ADAPTER_OPTIONS, TRAIN_OPTIONS
@@ -61,17 +62,20 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
 def _owned_output(args: argparse.Namespace, is_main: bool) -> Iterator[Path]:
     """Rank 0 holds the lock on --out for the whole run and checks --out under it; other
     ranks only use it. Nothing in --out changes here (see `_start_fresh`)."""
-    from ..training.checkpoints import checkpoint_root, has_checkpoint
+    from ..training.checkpoints import has_checkpoint, legacy_message, legacy_run
 
     out = Path(args.out)
     if not is_main:
         yield out
         return
     data = None if args.data == WIKIPEDIA else args.data
-    inputs = {"--model": args.model, "--data": data, "--teacher": args.teacher}
+    inputs = {"--model": args.model, "--data": data, "--teacher": args.teacher,
+              "--deepspeed": args.deepspeed}  # fmt: skip
     with owned_output(out, args.force or args.resume, inputs):
+        if args.resume and (legacy := legacy_run(out)) is not None:
+            raise UserError(legacy_message(legacy))
         if args.resume and not has_checkpoint(out):
-            raise UserError(f"--resume: no checkpoint in {checkpoint_root(out)}")
+            raise UserError(f"--resume: no checkpoint-N directory in {out}")
         yield out
 
 
@@ -79,23 +83,15 @@ def _start_fresh(out: Path) -> None:
     """--force, once the model and data are loaded and checked: a fresh run must never
     resume from, or leave behind, an older run's checkpoints and adapter files."""
     from ..adapters.config import ADAPTER_CONFIG_NAME, LEGACY_CONFIG_NAME
-    from ..training.checkpoints import checkpoint_root
+    from ..training.checkpoints import LEGACY_ROOT, UNUSABLE_PREFIX, checkpoint_dirs
 
-    shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+    old = [*checkpoint_dirs(out), out / LEGACY_ROOT, out / "runs"]
+    old += [p for p in out.iterdir() if p.name.startswith(UNUSABLE_PREFIX + "checkpoint-")]
+    for path in old:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
     for name in (ADAPTER_CONFIG_NAME, LEGACY_CONFIG_NAME, "adapter_model.safetensors"):
         (out / name).unlink(missing_ok=True)
-
-
-def _enable_checkpointing(model: Any) -> None:
-    """Non-reentrant activation checkpointing (transformers 5 spelling, else the old one)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    enable = getattr(base, "activation_checkpointing_enable", None)
-    if callable(enable):
-        enable()
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(base, "enable_input_require_grads"):
-        base.enable_input_require_grads()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -104,24 +100,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..adapters import get_spp_model
     from ..training.checkpoints import CheckpointError
     from ..training.data import check_vocab, file_digest
-    from ..training.engine import make_engine
     from ..training.train import NonFiniteError, train
 
     spp_config = _spp_config_from_args(args)
     config = _train_config_from_args(args)
-    try:
-        engine = make_engine(fsdp=args.fsdp, device=resolve_device(args.device))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    device = engine.device
-    if engine.world_size > 1 and args.device != "auto" and engine.is_main:
-        log.warning("--device %s is ignored under a launcher: each process uses the device "
-                    "accelerate assigns it (%s on rank 0)", args.device, device)  # fmt: skip
-    if not engine.is_main:
+    deepspeed = _deepspeed_config(args.deepspeed)
+    if deepspeed is not None and config.skip_nonfinite:
+        raise UserError("--skip-nonfinite needs a skippable optimizer step; DeepSpeed steps "
+                        "inside backward: leave it at 0 with --deepspeed")  # fmt: skip
+    world, rank = _launched()
+    is_main = rank == 0
+    if args.fsdp and world == 1:
+        raise UserError("--fsdp needs several processes: launch with torchrun or accelerate")
+    device = _process_device(args.device, world)
+    if not is_main:
         args.quiet = True  # logs and progress bars on rank 0 only
         logging.getLogger("spp_kernels").setLevel(logging.WARNING)
-    with _owned_output(args, engine.is_main) as out:
-        engine.barrier()  # other ranks start once rank 0 holds --out
+    with _owned_output(args, is_main) as out:
+        _wait_for_rank_0(world)  # other ranks start once rank 0 holds --out
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         model, tokenizer = load_model(args.model, dtype=dtype, device=str(device))
         args.max_len = window_length(model, args.max_len, DEFAULT_MAX_LEN, "--max-len")
@@ -135,21 +131,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                     f"--teacher {args.teacher}: vocabulary {teacher.config.vocab_size} differs "
                     f"from the model's {model.config.vocab_size}"
                 )
-        if engine.is_main:  # everything is checked: now --out may change
+        if is_main:  # everything is checked: now --out may change
             if args.force and not args.resume:
                 _start_fresh(out)
             out.mkdir(exist_ok=True)
+        masks = _zero_masks(model)
         torch.manual_seed(args.seed)
         spp = get_spp_model(model, spp_config)
         count = spp.trainable_parameters()
         log.info(
             "SPP adapters: %s trainable of %s parameters (%.3f%%) on %d process(es)%s",
-            f"{count.trainable:,d}", f"{count.total:,d}", count.percent, engine.world_size,
-            ", FSDP2" if engine.fsdp else "",
+            f"{count.trainable:,d}", f"{count.total:,d}", count.percent, world,
+            ", FSDP2" if args.fsdp else ", DeepSpeed" if deepspeed else "",
         )  # fmt: skip
-        if args.gradient_checkpointing:
-            _enable_checkpointing(spp)
-        wrapped = engine.wrap(spp)
         # The backend computes the same math: it may change between a run and its resumption.
         spp_dict = {k: v for k, v in spp_config.to_dict().items() if k != "backend"}
         fingerprint = {
@@ -161,19 +155,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         }
         try:
             result = train(
-                wrapped, examples, config, out, teacher=teacher, resume=args.resume,
+                spp, examples, config, out, teacher=teacher, resume=args.resume,
                 pad_id=pad_id(tokenizer), fingerprint=fingerprint, progress=not args.quiet,
-                engine=engine,
+                deepspeed=deepspeed, fsdp=args.fsdp,
+                gradient_checkpointing=args.gradient_checkpointing,
             )  # fmt: skip
         except CheckpointError as e:
             raise UserError(f"{first_line(e)} (use the original options)") from None
         except NonFiniteError as e:
             raise UserError(str(e)) from None
-        spp.save_pretrained(out)  # gathers FSDP2 shards on every rank; rank 0 writes
+        _check_zeros_kept(masks)
+        spp.save_pretrained(out)  # gathers FSDP2 / ZeRO-3 shards on every rank; rank 0 writes
         # No rank may exit before rank 0 has written: a launcher stops the other processes
         # as soon as one exits with a non-zero status (a signalled run exits 128 + signal).
-        engine.barrier()
-    if not engine.is_main:
+        _barrier()
+    if not is_main:
         return exit_status(result)
     info = {
         "steps": result.step,
@@ -186,8 +182,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "skipped_nonfinite_steps": result.skipped_nonfinite,
         "trainable_params": count.trainable,
         "examples": len(examples),
-        "processes": engine.world_size,
-        "fsdp": engine.fsdp,
+        "processes": world,
+        "fsdp": args.fsdp,
+        "deepspeed": args.deepspeed,
         "adapter": str(out),
     }
     rows = [
@@ -196,7 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ["tokens", result.tokens],
         ["seconds (this run)", f"{result.seconds:.1f}"],
         ["trainable params", count.trainable],
-        ["processes", engine.world_size],
+        ["processes", world],
         ["adapter saved to", str(out)],
     ]
     if result.interrupted:
@@ -210,6 +207,86 @@ def cmd_train(args: argparse.Namespace) -> int:
             "run; lower --lr and train again"
         )
     return exit_status(result)
+
+
+def _launched() -> tuple[int, int]:
+    """(WORLD_SIZE, RANK) set by torchrun / accelerate launch; (1, 0) without a launcher."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+def _process_device(requested: str, world: int) -> Any:
+    """--device without a launcher; under one, each process's device as Trainer picks it
+    (cuda:LOCAL_RANK, or the CPU)."""
+    import os
+
+    import torch
+
+    if world == 1:
+        return resolve_device(requested)
+    if torch.cuda.is_available():
+        if requested not in ("auto", "cuda"):
+            log.warning("--device %s is ignored under a launcher: each process uses the GPU "
+                        "of its LOCAL_RANK", requested)  # fmt: skip
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _wait_for_rank_0(world: int) -> None:
+    """Ranks > 0 wait until rank 0 holds --out (the process group is Trainer's: it is set up
+    here from the launcher's environment, as Trainer would)."""
+    if world > 1:
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _deepspeed_config(path: str | None) -> str | None:
+    """--deepspeed: a readable JSON object (checked before anything changes), passed on."""
+    if path is None:
+        return None
+    import json
+
+    p = Path(path)
+    try:
+        value = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--deepspeed {p}: not a readable JSON file ({first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--deepspeed {p}: expected a JSON object")
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("--deepspeed needs the deepspeed package (pip install deepspeed)")
+    return str(p)
+
+
+def _zero_masks(model: Any) -> dict[str, tuple[Any, Any]]:
+    """{name: (layer, bool mask of its exact zeros)} of the targeted layers, before SPP."""
+    return {n: (m, (m.weight.detach() == 0).cpu()) for n, m in target_linears(model).items()}
+
+
+def _check_zeros_kept(masks: dict[str, tuple[Any, Any]]) -> None:
+    """Sparsity check after training: every zero of the frozen weights is still zero.
+    FSDP2 shards are gathered (every rank calls this); a layer whose dense weight is no
+    longer held (packed N:M, DeepSpeed ZeRO-3 partitions) keeps its zeros by construction."""
+    for name, (layer, before) in masks.items():
+        weight = layer.weight.detach()
+        full = getattr(weight, "full_tensor", None)
+        weight = full() if callable(full) else weight
+        if tuple(weight.shape) != tuple(before.shape):
+            continue
+        if not bool(((weight.cpu() == 0) | ~before).all()):
+            raise UserError(f"training changed the zeros of {name}: sparsity was lost")
 
 
 def exit_status(result: Any) -> int:

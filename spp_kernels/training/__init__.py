@@ -1,6 +1,11 @@
-"""Training SPP adapters: the loop (`train`), its checkpoints (`checkpoints`), the
-distributed engine (`engine`: accelerate + FSDP2), the configuration (`config`) and the
-data files it reads (`data`)."""
+"""Training SPP adapters on transformers' Trainer: `train` (train.py), the Trainer subclass
+with SPP's loss (`trainer`), what Trainer lacks as callbacks (`callbacks`: signals,
+non-finite steps, sealed checkpoints), checkpoint verification (`checkpoints`), the
+configuration (`config`) and the data files it reads (`data`).
+
+spp-kernels 0.2's own loop and its engine (`DistributedEngine`, `LocalEngine`,
+`make_engine`) were removed in 0.3: Trainer's accelerator runs DDP, FSDP2 and DeepSpeed.
+"""
 
 import importlib
 import sys
@@ -12,8 +17,8 @@ _WHERE = by_module(
     {
         ".config": ("TrainConfig", "TrainResult"),
         ".data": ("DataError", "Example", "load_dataset", "load_token_stream"),
-        ".engine": ("DistributedEngine", "LocalEngine", "make_engine"),
-        ".train": ("NonFiniteError",),
+        ".callbacks": ("NonFiniteError",),
+        ".trainer": ("ExampleCollator", "ExampleDataset", "SPPTrainer"),
     }
 )
 
@@ -34,14 +39,14 @@ sys.modules[__name__].__class__ = _Training
 
 __all__ = [
     "DataError",
-    "DistributedEngine",
     "Example",
-    "LocalEngine",
+    "ExampleCollator",
+    "ExampleDataset",
     "NonFiniteError",
+    "SPPTrainer",
     "TrainConfig",
     "TrainResult",
     "load_dataset",
     "load_token_stream",
-    "make_engine",
     "train",
 ]

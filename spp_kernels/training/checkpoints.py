@@ -1,38 +1,38 @@
-"""Training checkpoints: atomic, verified, the last N kept, a corrupt one falls back.
+"""The checkpoints of `spp train`: transformers' Trainer's, verified before a resume.
 
-Layout under OUT/checkpoints/:
-  step-<N:08d>/adapter.safetensors     trainable tensors (full, gathered), by parameter name
-  step-<N:08d>/optimizer.safetensors   AdamW moments and step counts, "<name>::<slot>"
-  step-<N:08d>/trainer_state.json      step, configs, fingerprint, losses, param groups, and
-                                       the sha256 of both tensor files (verified on load)
-  latest.json                          {"step": N, "dir": "step-<N:08d>"}, switched last
-Every file is written atomically (temp file, fsync, rename), latest.json after the step's
-three files, and only then are checkpoints beyond the newest `keep` deleted, so a crash
-at any moment leaves at least the previous checkpoint usable. Loading verifies sizes and
-hashes; a checkpoint that fails is skipped with a warning naming the bad file, and the next
-newest is tried. latest.json may only name a step directory inside checkpoints/.
-Nothing is pickled.
+`out/checkpoint-N/` is Trainer's own checkpoint: adapter_config.json and
+adapter_model.safetensors (peft's layout: `PeftModel.from_pretrained(base, out/checkpoint-N)`
+opens it), optimizer.pt, scheduler.pt, rng_state*.pth and trainer_state.json (with
+`log_history`). Trainer writes the directory in place and checks nothing when it resumes,
+so once every process has written its files the writing process adds
+`spp-manifest.json` (`utils.io.write_manifest`, atomically, last): the size and sha256 of
+every file, the run's fingerprint (the options a resume must not change) and the
+non-finite step counters. A checkpoint without a manifest (a crash while saving) or whose
+files differ from it (a bad disk, a truncated copy) is skipped with a warning naming the
+file, and the next newest is used; the newer unusable one is renamed out of Trainer's
+`checkpoint-*` pattern so that rotation never keeps it in place of a good one. Trainer
+loads the .pt files with `torch.load(weights_only=True)`: no code runs from them.
+
+Runs written by spp-kernels 0.2 (`checkpoints/step-N/`, its own loop) are recognised and
+refused on resume.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..utils.io import atomic_save_safetensors, atomic_write_text, file_sha256
+from ..utils.io import MANIFEST_NAME, manifest_problem, write_manifest
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 2
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+LEGACY_ROOT = "checkpoints"  # spp-kernels 0.2: checkpoints/step-NNNNNNNN/
+UNUSABLE_PREFIX = "unusable-"
 
 
 class CheckpointError(ValueError):
@@ -40,151 +40,84 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_root(out_dir: str | os.PathLike) -> Path:
-    return Path(out_dir) / "checkpoints"
+    """Where the checkpoint-N directories live: --out itself, as Trainer's output_dir."""
+    return Path(out_dir)
 
 
-def save_checkpoint(
-    out_dir: str | os.PathLike,
-    params: dict[str, torch.Tensor],
-    optim: dict[str, Any],
-    state: dict[str, Any],
-    keep: int = 2,
-) -> Path:
-    """Write a complete checkpoint for `state["step"]`, make it the latest, keep `keep`.
-
-    params: {name: tensor}; optim: torch.distributed.checkpoint's full optimizer state
-    ({"state": {name: {slot: tensor}}, "param_groups": [...]}). Call on the writing rank.
-    """
-    root = checkpoint_root(out_dir)
-    step = int(state["step"])
-    directory = root / f"step-{step:08d}"
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = {"step": str(step), "format": str(CHECKPOINT_FORMAT)}
-    atomic_save_safetensors(params, directory / "adapter.safetensors", meta)
-    moments = {
-        f"{name}::{slot}": torch.as_tensor(value)
-        for name, slots in optim.get("state", {}).items()
-        for slot, value in slots.items()
-    }
-    atomic_save_safetensors(moments, directory / "optimizer.safetensors", meta)
-    full = dict(state, format=CHECKPOINT_FORMAT, param_groups=optim.get("param_groups", []))
-    # Strict JSON: a skipped non-finite step's loss is stored as null (read back as NaN).
-    full["losses"] = [x if math.isfinite(x) else None for x in state.get("losses", [])]
-    full["sha256"] = {
-        name: file_sha256(directory / name)
-        for name in ("adapter.safetensors", "optimizer.safetensors")
-    }
-    atomic_write_text(directory / "trainer_state.json", json.dumps(full, indent=2, allow_nan=False))
-    atomic_write_text(root / "latest.json", json.dumps({"step": step, "dir": directory.name}))
-    for old in step_dirs(out_dir)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-    return directory
-
-
-def step_dirs(out_dir: str | os.PathLike) -> list[Path]:
-    """The checkpoint directories under out_dir, newest step first."""
+def checkpoint_dirs(out_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint-N directories under out_dir, newest step first."""
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: p.name, reverse=True)
-
-
-def _pointer(out_dir: str | os.PathLike) -> Path | None:
-    """The step directory latest.json names, if it is a valid name inside checkpoints/."""
-    path = checkpoint_root(out_dir) / "latest.json"
-    if not path.exists():
-        return None
-    try:
-        name = json.loads(path.read_text())["dir"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        log.warning("ignoring unreadable checkpoint pointer %s (%s)", path, e)
-        return None
-    if not isinstance(name, str) or not _STEP_DIR.match(name):
-        log.warning(
-            "ignoring checkpoint pointer %s: %r is not a step directory of checkpoints/", path, name
-        )
-        return None
-    return checkpoint_root(out_dir) / name
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _CHECKPOINT_DIR.match(p.name)) and p.is_dir() and not p.is_symlink()
+    ]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def has_checkpoint(out_dir: str | os.PathLike) -> bool:
-    return bool(step_dirs(out_dir))
+    return bool(checkpoint_dirs(out_dir))
 
 
-def read_checkpoint(
-    directory: Path,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """(trainer state, params, optimizer state) of one checkpoint, verified: ValueError naming
-    the bad file otherwise."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    state_path = directory / "trainer_state.json"
-    try:
-        state = json.loads(state_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{state_path}: unreadable ({e})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise ValueError(f"{state_path}: not a trainer state")
-    if state.get("format") != CHECKPOINT_FORMAT or not isinstance(state.get("sha256"), dict):
-        raise ValueError(
-            f"{state_path}: checkpoint format {state.get('format')!r}, expected "
-            f"{CHECKPOINT_FORMAT} with the files' sha256"
-        )
-    for name, digest in state["sha256"].items():
-        path = directory / name
-        if not path.is_file() or file_sha256(path) != digest:
-            raise ValueError(
-                f"{path}: missing or corrupt (its sha256 differs from the checkpoint's)"
-            )
-    tensors = {}
-    for name in ("adapter.safetensors", "optimizer.safetensors"):
-        path = directory / name
-        try:
-            tensors[name] = load_file(str(path))
-        except (OSError, SafetensorError, ValueError) as e:
-            raise ValueError(
-                f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-            ) from None
-    state["losses"] = [math.nan if x is None else float(x) for x in state.get("losses", [])]
-    optim: dict[str, Any] = {"state": {}, "param_groups": state.get("param_groups", [])}
-    for key, value in tensors["optimizer.safetensors"].items():
-        name, _, slot = key.rpartition("::")
-        optim["state"].setdefault(name, {})[slot] = value
-    return state, tensors["adapter.safetensors"], optim
+def legacy_run(out_dir: str | os.PathLike) -> Path | None:
+    """out_dir/checkpoints when it holds spp-kernels 0.2 step directories, else None."""
+    root = Path(out_dir) / LEGACY_ROOT
+    if root.is_dir() and any(re.match(r"^step-\d{8}$", p.name) for p in root.iterdir()):
+        return root
+    return None
 
 
-def load_latest(
-    out_dir: str | os.PathLike, tidy: bool = True
-) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """(directory, state, params, optimizer) of the newest usable checkpoint: the one
-    latest.json names first, then the others newest first; each bad one is skipped with a
-    warning naming the file, and (tidy: the writing process) renamed to "<dir>.unusable" when
-    newer than the one used, so that retention never deletes the good one and keeps a bad
-    one. CheckpointError when none is usable."""
-    candidates = step_dirs(out_dir)
-    pointer = _pointer(out_dir)
-    if pointer is not None and pointer in candidates:
-        candidates.remove(pointer)
-        candidates.insert(0, pointer)
+def legacy_message(root: Path) -> str:
+    return (
+        f"--resume: {root} holds checkpoints of spp-kernels 0.2's own training loop, which "
+        "this version (Trainer checkpoints, checkpoint-N/) cannot continue: finish that run "
+        "with spp-kernels 0.2 (pip install 'spp-kernels==0.2.*'), or start again with --force"
+    )
+
+
+def write_checkpoint_manifest(directory: str | os.PathLike, run: dict[str, Any]) -> Path:
+    """Seal a complete checkpoint directory: sizes and sha256 of its files plus `run`
+    (JSON values: the fingerprint and counters). Call on one process, after every process
+    has written its files."""
+    return write_manifest(directory, {"spp_run": run})
+
+
+def read_checkpoint_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The `run` values of a checkpoint whose files all match its manifest; ValueError
+    naming the bad file otherwise."""
+    problem = manifest_problem(directory)
+    if problem is not None:
+        raise ValueError(problem)
+    manifest = json.loads((Path(directory) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    run = manifest.get("spp_run")
+    if not isinstance(run, dict):
+        raise ValueError(f"{Path(directory) / MANIFEST_NAME}: not a checkpoint of `spp train`")
+    return run
+
+
+def latest_usable(out_dir: str | os.PathLike, tidy: bool = True) -> tuple[Path, dict[str, Any]]:
+    """(directory, run values) of the newest verified checkpoint. Each unusable newer one is
+    skipped with a warning naming the file and (tidy: the writing process) renamed to
+    "unusable-checkpoint-N". CheckpointError when none is usable."""
+    candidates = checkpoint_dirs(out_dir)
     if not candidates:
-        raise CheckpointError(f"no checkpoint in {checkpoint_root(out_dir)}")
+        raise CheckpointError(f"no checkpoint-N directory in {checkpoint_root(out_dir)}")
     problems = []
     for directory in candidates:
         try:
-            state, params, optim = read_checkpoint(directory)
+            run = read_checkpoint_manifest(directory)
         except ValueError as e:
             log.warning("checkpoint %s is not usable: %s; trying an older one", directory.name, e)
             problems.append(str(e))
             continue
         for newer in candidates[: candidates.index(directory)] if tidy else []:
-            if newer.name > directory.name:  # retention must not keep it over the good one
-                aside = newer.with_name(newer.name + ".unusable")
-                shutil.rmtree(aside, ignore_errors=True)
+            aside = newer.with_name(UNUSABLE_PREFIX + newer.name)
+            if not aside.exists():
                 newer.rename(aside)
                 log.warning("renamed the unusable checkpoint %s to %s", newer.name, aside.name)
-        return directory, state, params, optim
+        return directory, run
     raise CheckpointError(f"no usable checkpoint in {checkpoint_root(out_dir)}: {problems[0]}")
 
 

@@ -1,7 +1,8 @@
 """TrainConfig (the paper's recipe as defaults), TrainResult, the step count and LR schedule.
 
-Learning rate at 0-based step s of S: lr * (s + 1) / W during the W = ceil(warmup_ratio * S)
-warm-up steps, then lr * (S - s) / (S - W), decaying linearly towards 0.
+Learning rate at 0-based step s of S (transformers' linear schedule): lr * s / W during the
+W = ceil(warmup_ratio * S) warm-up steps, then lr * (S - s) / (S - W), decaying linearly
+towards 0.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from dataclasses import dataclass, field
 from ..utils.hyperparameters import option
 
 # Fields that may change between a run and its resumption without changing the result.
-RESUMABLE_FIELDS = ("save_every", "stop_after", "keep_checkpoints", "skip_nonfinite")
+RESUMABLE_FIELDS = (
+    "save_every", "stop_after", "keep_checkpoints", "skip_nonfinite", "logging_steps", "report_to",
+)  # fmt: skip
 
 
 @dataclass
@@ -38,14 +41,20 @@ class TrainConfig:
     seed: int = 0
     kd_weight: float = option(1.0, "weight of KL vs. CE with --teacher")
     kd_temperature: float = option(1.0, "distillation temperature")
-    save_every: int = option(200, "checkpoint every N steps", minimum=1)
+    save_every: int = option(200, "checkpoint every N steps (Trainer's save_steps)",
+                             flags=("--save-steps", "--save-every"), minimum=1)  # fmt: skip
     stop_after: int | None = option(None, "stop (with a checkpoint, exit 0) at step N of the "
                                     "run (counting resumed steps)", minimum=1)  # fmt: skip
-    keep_checkpoints: int = option(2, "checkpoints kept on disk; a corrupt latest one falls "
-                                   "back", minimum=1)  # fmt: skip
+    keep_checkpoints: int = option(2, "checkpoints kept on disk (Trainer's save_total_limit); "
+                                   "a corrupt latest one falls back",
+                                   flags=("--save-total-limit", "--keep-checkpoints"),
+                                   minimum=1)  # fmt: skip
     skip_nonfinite: int = option(0, "steps with a non-finite loss or gradient to skip before "
                                  "failing", minimum=0)  # fmt: skip
     group_by_length: bool = option(False, "batch examples of similar length")
+    logging_steps: int = option(1, "log loss and learning rate every N steps", minimum=1)
+    report_to: str = option("none", "trackers for the logs, comma-separated, as Trainer's "
+                            "report_to: tensorboard, wandb, mlflow, trackio, ... or none")  # fmt: skip
 
     def __post_init__(self) -> None:
         checks = (
@@ -63,6 +72,7 @@ class TrainConfig:
             (self.stop_after is None or self.stop_after >= 1, "stop_after must be >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.skip_nonfinite >= 0, "skip_nonfinite must be >= 0"),
+            (self.logging_steps >= 1, "logging_steps must be >= 1"),
         )
         for ok, message in checks:
             if not ok:
@@ -84,6 +94,7 @@ class TrainResult:
     stop_signal: int | None = None
     skipped_nonfinite: int = 0
     last_skipped: bool = False
+    log_history: list[dict] = field(default_factory=list)
 
     @property
     def unusable(self) -> str | None:
@@ -118,5 +129,5 @@ def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
     """Multiplier of the base learning rate at 0-based `step`: linear warm-up, linear decay."""
     warmup = math.ceil(warmup_ratio * total)
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     return max(0.0, (total - step) / max(1, total - warmup))

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from spp_kernels.cli import main
+from spp_kernels.training.train import latest_checkpoint
 from tests.helpers import (
     ALPACA,
     CLI_TEXT,
@@ -89,7 +90,7 @@ def test_train_writes_adapter_and_checkpoint(workdir):
     adapter = workdir / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert (adapter / "adapter_config.json").is_file()
-    assert json.loads((adapter / "checkpoints" / "latest.json").read_text())["step"] == 2
+    assert latest_checkpoint(adapter).name == "checkpoint-2"  # verified by its manifest
 
 
 def test_train_resume_matches_uninterrupted(workdir, tmp_path, capsys):
@@ -252,9 +253,8 @@ def test_force_starts_a_fresh_run(workdir, tmp_path, capsys):
     assert run_json(capsys, *common, "--max-steps", "3")["steps"] == 3
     assert_user_error(capsys, "not empty", *common, "--max-steps", "1")
     assert run_json(capsys, *common, "--max-steps", "1", "--force")["steps"] == 1
-    latest = json.loads((tmp_path / "a" / "checkpoints" / "latest.json").read_text())
-    assert latest["step"] == 1
-    assert [p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*")] == ["step-00000001"]
+    assert [p.name for p in (tmp_path / "a").glob("checkpoint-*")] == ["checkpoint-1"]
+    assert latest_checkpoint(tmp_path / "a").name == "checkpoint-1"
 
 
 def test_demo_without_the_demo_extra_is_a_clear_error(monkeypatch, capsys):

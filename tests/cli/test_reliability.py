@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spp_kernels.cli import main
+from spp_kernels.training.train import latest_checkpoint
 from tests.helpers import assert_user_error, cli_json, cli_run, make_cli_models
 
 
@@ -142,7 +143,7 @@ def _train_until_checkpoint(models, out, *extra):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "latest.json").exists():
+    while latest_checkpoint(out) is None:
         assert proc.poll() is None, proc.communicate()[1]
         assert time.monotonic() < deadline, "no checkpoint after 120 s"
         time.sleep(0.1)
@@ -159,8 +160,8 @@ def test_3_sigterm_and_sigusr1_checkpoint_then_exit_128_plus_signal(models, tmp_
     assert "Traceback" not in stderr
     info = json.loads(stdout)
     assert info["interrupted"] is True and info["stop_signal"] == sig
-    state = json.loads((out / "checkpoints" / "latest.json").read_text())
-    assert state["step"] == info["steps"] >= 1
+    assert latest_checkpoint(out).name == f"checkpoint-{info['steps']}"
+    assert info["steps"] >= 1
     assert (out / "adapter_model.safetensors").is_file()
     if sig == signal.SIGTERM:  # and the run resumes from it
         resumed = spp("train", "--model", models / "pruned", "--data", models / "text.txt",
@@ -229,7 +230,7 @@ def test_5_tokenizer_with_custom_code_is_not_run(models, tmp_path, capsys, monke
 
 def test_6_saved_regex_is_refused_quickly(models, tmp_path, capsys):
     adapter = tmp_path / "adapter"
-    shutil.copytree(models / "adapter", adapter, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(models / "adapter", adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
     config = json.loads((adapter / "adapter_config.json").read_text())
     config.update(target_modules="^(a|a?)+(a|a?)+(a|a?)+(a|a?)+b$", wrapped_modules=None)
     (adapter / "adapter_config.json").write_text(json.dumps(config))
@@ -279,14 +280,14 @@ def test_8_diverging_training_stops_with_an_error_and_keeps_the_checkpoint(model
                              "--lr", "1e10", "--max-steps", "20", "--save-every", "1",
                              "--out", out)  # fmt: skip
     assert "lower --lr" in line
-    kept = json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
+    kept = int(latest_checkpoint(out).name.removeprefix("checkpoint-"))
     assert kept >= 1 and f"step {kept}" in line
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter from NaNs
 
 
 def _poisoned_adapter(models: Path, tmp_path: Path) -> Path:
     adapter = tmp_path / "nan-adapter"
-    shutil.copytree(models / "adapter", adapter, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(models / "adapter", adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
     tensors = load_file(adapter / "adapter_model.safetensors")
     key = next(k for k in sorted(tensors) if "layers.1.mlp.up_proj.spp_alpha" in k)
     tensors[key][0, :5] = float("nan")
@@ -381,12 +382,12 @@ def test_10_truncated_and_garbage_files_give_one_line_errors(models, tmp_path, c
     weights.write_bytes(weights.read_bytes()[:100])
     assert_user_error(capsys, f"--adapter {adapter}", "merge", "--model", models / "pruned",
                       "--adapter", adapter, "--out", tmp_path / "m")  # fmt: skip
-    for step in (adapter / "checkpoints").glob("step-*"):
-        (step / "adapter.safetensors").write_bytes(b"\0" * 64)
+    for step in adapter.glob("checkpoint-*"):
+        (step / "adapter_model.safetensors").write_bytes(b"\0" * 64)
     line = assert_user_error(capsys, "no usable checkpoint", "train", "--model",
                              models / "pruned", "--data", models / "text.txt", "--out", adapter,
                              "--max-steps", "2", "--spp-r", "4", "--max-len", "32", "--resume")  # fmt: skip
-    assert "adapter.safetensors" in line
+    assert "adapter_model.safetensors" in line
 
 
 def test_10_wrong_typed_config_field_and_unknown_device(models, tmp_path, capsys):
@@ -411,7 +412,7 @@ def test_10_debug_shows_the_traceback(models, capsys):
 
 def test_11_int_adapters_are_refused(models, tmp_path, capsys):
     adapter = tmp_path / "int"
-    shutil.copytree(models / "adapter", adapter, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(models / "adapter", adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
     tensors = load_file(adapter / "adapter_model.safetensors")
     save_file({k: v.round().to(torch.int64) for k, v in tensors.items()},
               adapter / "adapter_model.safetensors")  # fmt: skip

@@ -33,7 +33,7 @@ def adapter_copy(models, tmp_path, config=None, tensors=None):
     """A copy of the trained adapter with its config updated by `config` and its tensors
     replaced through `tensors(dict) -> dict`."""
     target = tmp_path / "adapter"
-    shutil.copytree(models / "adapter", target, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(models / "adapter", target, ignore=shutil.ignore_patterns("checkpoint-*"))
     if config is not None:
         data = json.loads((target / "adapter_config.json").read_text())
         data.update(config)
@@ -54,15 +54,14 @@ def merge(models, adapter, out, *extra):
 # ---- 2. nothing under --out is followed out of it ------------------------------------------
 
 # Every path `spp train --out run` writes, replaces or deletes (the final adapter, the
-# checkpoint folder, its pointer and a step) and the whole of --out for the commands that
+# checkpoint folder and its files) and the whole of --out for the commands that
 # replace it (prune, merge, export-2to4).
 TRAIN_PATHS = [
-    "checkpoints",
-    "checkpoints/latest.json",
-    "checkpoints/step-00000002",
-    "checkpoints/step-00000002/adapter.safetensors",
-    "checkpoints/step-00000002/optimizer.safetensors",
-    "checkpoints/step-00000002/trainer_state.json",
+    "checkpoint-2",
+    "checkpoint-2/adapter_model.safetensors",
+    "checkpoint-2/optimizer.pt",
+    "checkpoint-2/trainer_state.json",
+    "checkpoint-2/spp-manifest.json",
     "adapter_model.safetensors",
     "adapter_config.json",
     "README.md",
@@ -94,7 +93,7 @@ def test_2_train_never_follows_a_link_inside_out(models, tmp_path, capsys, insid
 
 @pytest.mark.parametrize("command", ["prune", "merge", "export-2to4"])
 def test_2_commands_replacing_out_refuse_a_link_inside_it(models, tmp_path, capsys, command):
-    run, other, snapshot = _run_with_a_link(models, tmp_path, "checkpoints")
+    run, other, snapshot = _run_with_a_link(models, tmp_path, "checkpoint-2")
     argv = {
         "prune": ["prune", "--model", models / "dense", "--method", "magnitude",
                   "--sparsity", "2:4"],
@@ -279,7 +278,10 @@ def test_11_a_full_disk_inside_a_library_writer_names_the_file(
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")  # no file name, as from write()
 
+    import peft.peft_model
+
     monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)  # the adapter's writer
     line = assert_user_error(capsys, "no space left on the device (ENOSPC)", "train", "--model",
                              models / "pruned", "--data", models / "text.txt", "--max-steps", "1",
                              "--max-len", "32", "--out", tmp_path / "run")  # fmt: skip

@@ -1,10 +1,11 @@
-"""`spp train` under torchrun and accelerate launch: 2 CPU processes (gloo) vs one process.
+"""`spp train` under torchrun, accelerate launch and DeepSpeed: 2 CPU processes (gloo) vs one.
 
 The commands are run exactly as a user types them (the launcher's own executable, `-m
-spp_kernels train`, `--spp-r`, which torchrun does not mistake for one of its options).
-With dropout 0, N processes with --batch-size B must give the adapters one process gives
-with --batch-size N*B over the same steps and seed (DDP and FSDP2); a run stopped after a
-checkpoint resumes to the same adapters; the saved adapter loads with peft.
+spp_kernels train`, `--spp-r`, which torchrun does not mistake for one of its options,
+an accelerate config file, a DeepSpeed JSON from configs/). With dropout 0, N processes
+with --batch-size B must give the adapters one process gives with --batch-size N*B over the
+same steps and seed (DDP, FSDP2, ZeRO-2, ZeRO-3); a run stopped after a checkpoint resumes
+to the same adapters; the saved adapter and Trainer's checkpoints load with peft.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def launcher(name: str) -> list[str]:
     return [exe]
 
 
+ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = ["--standalone", "--nproc_per_node", "2"]
 ACCELERATE = ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
@@ -82,19 +84,42 @@ def test_torchrun_ddp_matches_one_process_with_twice_the_batch(workdir, single):
     info = launch([*launcher("torchrun"), *TORCHRUN], train_args(workdir, workdir / "ddp", 2))
     assert info["processes"] == 2 and info["fsdp"] is False and info["steps"] == int(STEPS)
     assert_same_adapters(load_file(workdir / "ddp" / "adapter_model.safetensors"), single)
+    # Trainer's intermediate checkpoints hold the same kind of adapter, openable by peft.
+    assert_same_adapters(load_file(workdir / "ddp" / "checkpoint-4" / "adapter_model.safetensors"),
+                         single)  # fmt: skip
 
 
-def test_accelerate_fsdp2_run_stopped_and_resumed_matches_one_process(workdir, single):
-    """accelerate launch + --fsdp (FSDP2), stopped after a checkpoint, resumed under
-    torchrun: the same adapters as one process; the result loads with peft."""
+def test_accelerate_launch_ddp_matches_one_process(workdir, single):
+    info = launch([*launcher("accelerate"), *ACCELERATE], train_args(workdir, workdir / "acc", 2))
+    assert info["processes"] == 2 and info["steps"] == int(STEPS)
+    assert_same_adapters(load_file(workdir / "acc" / "adapter_model.safetensors"), single)
+
+
+def cpu_fsdp2_config(tmp_path: Path) -> Path:
+    """configs/accelerate/fsdp2.yaml as a user adapts it to 2 CPU processes."""
+    text = (ROOT / "configs" / "accelerate" / "fsdp2.yaml").read_text()
+    text = text.replace("num_processes: 8", "num_processes: 2").replace(
+        "use_cpu: false", "use_cpu: true")  # fmt: skip
+    path = tmp_path / "fsdp2.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_accelerate_fsdp2_config_run_stopped_and_resumed_matches_one_process(
+    workdir, single, tmp_path
+):
+    """accelerate launch --config_file fsdp2.yaml (FSDP2 shards on CPU processes too),
+    stopped after a checkpoint, resumed under torchrun --fsdp: the same adapters as one
+    process; the result loads with peft."""
     out = workdir / "fsdp"
-    stopped = launch([*launcher("accelerate"), *ACCELERATE],
-                     train_args(workdir, out, 2, "--fsdp", "--stop-after", "2"))  # fmt: skip
+    config = ["launch", "--config_file", str(cpu_fsdp2_config(tmp_path))]
+    stopped = launch([*launcher("accelerate"), *config],
+                     train_args(workdir, out, 2, "--stop-after", "2"))  # fmt: skip
     assert stopped["interrupted"] is True and stopped["steps"] == 2
-    assert stopped["processes"] == 2 and stopped["fsdp"] is True
+    assert stopped["processes"] == 2
     resumed = launch([*launcher("torchrun"), *TORCHRUN],
                      train_args(workdir, out, 2, "--fsdp", "--resume"))  # fmt: skip
-    assert resumed["steps"] == int(STEPS)
+    assert resumed["steps"] == int(STEPS) and resumed["fsdp"] is True
     assert_same_adapters(load_file(out / "adapter_model.safetensors"), single)
 
     from peft import PeftModel
@@ -110,16 +135,27 @@ def test_accelerate_fsdp2_run_stopped_and_resumed_matches_one_process(workdir, s
         assert torch.equal(state[live], value), key
 
 
-@pytest.mark.parametrize("processes", [1, 3])
-def test_a_two_process_run_resumes_on_another_process_count(workdir, single, processes):
-    """Issue 18 item 8: a 2-process run (--batch-size 2, global batch 4) stopped after a
-    checkpoint resumes on 1 or 3 processes with the global batch kept: the adapters of one
-    process with --batch-size 4."""
-    out = workdir / f"resume-on-{processes}"
+def test_a_two_process_run_resumes_on_one_process_with_the_global_batch(workdir, single):
+    """A 2-process run (--batch-size 2, global batch 4) stopped after a checkpoint resumes
+    on 1 process: the global batch is kept (4 per process), giving one process's adapters."""
+    out = workdir / "resume-on-1"
     stopped = launch([*launcher("torchrun"), *TORCHRUN],
                      train_args(workdir, out, 2, "--stop-after", "2"))  # fmt: skip
     assert stopped["interrupted"] is True and stopped["steps"] == 2
-    torchrun = ["--standalone", "--nproc_per_node", str(processes)]
-    resumed = launch([*launcher("torchrun"), *torchrun], train_args(workdir, out, 2, "--resume"))
-    assert resumed["processes"] == processes and resumed["steps"] == int(STEPS)
+    resumed = launch([*launcher("torchrun"), "--standalone", "--nproc_per_node", "1"],
+                     train_args(workdir, out, 2, "--resume"))  # fmt: skip
+    assert resumed["processes"] == 1 and resumed["steps"] == int(STEPS)
     assert_same_adapters(load_file(out / "adapter_model.safetensors"), single)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_one_process(workdir, single, stage):
+    """torchrun ... --deepspeed configs/deepspeed/zero{2,3}.json (the shipped files)."""
+    pytest.importorskip("deepspeed")
+    out = workdir / f"zero{stage}"
+    config = ROOT / "configs" / "deepspeed" / f"zero{stage}.json"
+    info = launch([*launcher("torchrun"), *TORCHRUN],
+                  train_args(workdir, out, 2, "--deepspeed", str(config)))  # fmt: skip
+    assert info["processes"] == 2 and info["deepspeed"] == str(config)
+    assert_same_adapters(load_file(out / "adapter_model.safetensors"), single)
+    assert_same_adapters(load_file(out / "checkpoint-4" / "adapter_model.safetensors"), single)

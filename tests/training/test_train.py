@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from spp_kernels.adapters import SPPConfig, get_spp_model
 from spp_kernels.training.data import Example
 from spp_kernels.training.train import (
+    NonFiniteError,
     TrainConfig,
     latest_checkpoint,
     lr_factor,
@@ -50,12 +51,19 @@ CFG = dict(lr=1e-2, epochs=2, batch_size=3, grad_accum=2, seed=3, save_every=1)
 def test_lr_schedule_warms_up_then_decays_linearly():
     total = 100
     values = [lr_factor(s, total, 0.03) for s in range(total)]
-    assert values[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert values[3] == pytest.approx(97 / 97)
+    assert values[:4] == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
     assert values[50] == pytest.approx(50 / 97)
     assert values[-1] == pytest.approx(1 / 97)
-    assert all(a >= b for a, b in zip(values[2:], values[3:]))
+    assert all(a >= b for a, b in zip(values[3:], values[4:]))
     assert lr_factor(0, 10, 0.0) == 1.0
+
+
+def test_the_logged_learning_rates_follow_lr_factor(tmp_path):
+    config = TrainConfig(**{**CFG, "warmup_ratio": 0.3})
+    result = train(spp_model(), examples(), config, progress=False)
+    logged = [e["learning_rate"] for e in result.log_history if "learning_rate" in e]
+    expected = [config.lr * lr_factor(s, 4, 0.3) for s in range(4)]
+    assert logged == pytest.approx(expected)
 
 
 def test_total_steps():
@@ -106,6 +114,10 @@ def test_training_lowers_the_loss_and_keeps_zeros():
     assert torch.equal(layer.merged_weight() == 0, zeros)
 
 
+def optimizer_state(directory):
+    return torch.load(directory / "optimizer.pt", weights_only=True)["state"]
+
+
 def test_resume_is_bit_exact_with_dropout(tmp_path):
     data = examples()
     full = spp_model()
@@ -118,77 +130,73 @@ def test_resume_is_bit_exact_with_dropout(tmp_path):
     again = spp_model()  # a fresh process: new model, adapters restored from the checkpoint
     second = train(again, data, TrainConfig(**CFG), tmp_path / "b", resume=True, progress=False)
     assert second.step == 4 and not second.interrupted
-    assert second.losses == ref.losses
+    assert second.losses == ref.losses  # the log of steps 1-2 comes from the checkpoint
     a, b = adapters(full), adapters(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The checkpoints on disk agree too, tensor for tensor.
-    ca = load_file(latest_checkpoint(tmp_path / "a") / "optimizer.safetensors")
-    cb = load_file(latest_checkpoint(tmp_path / "b") / "optimizer.safetensors")
-    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+    sa = optimizer_state(latest_checkpoint(tmp_path / "a"))
+    sb = optimizer_state(latest_checkpoint(tmp_path / "b"))
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k][s], sb[k][s]) for k in sa for s in sa[k])
 
 
-def test_checkpoint_layout_is_safetensors_and_json_only(tmp_path):
+def test_checkpoints_are_trainers_and_open_in_peft(tmp_path):
+    from peft import PeftModel
+
     model = spp_model()
-    train(model, examples(), TrainConfig(**CFG), tmp_path, progress=False)
-    root = tmp_path / "checkpoints"
-    assert json.loads((root / "latest.json").read_text()) == {"step": 4, "dir": "step-00000004"}
+    train(model, examples(), TrainConfig(**CFG, logging_steps=1), tmp_path, progress=False)
+    # The newest keep_checkpoints (2) stay, older ones are rotated away by Trainer.
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     ckpt = latest_checkpoint(tmp_path)
-    assert sorted(p.name for p in ckpt.iterdir()) == [
-        "adapter.safetensors",
-        "optimizer.safetensors",
-        "trainer_state.json",
-    ]
-    # The newest keep_checkpoints (2) stay, older ones are pruned.
-    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000003", "step-00000004"]
+    assert ckpt.name == "checkpoint-4"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+            "rng_state.pth", "trainer_state.json", "spp-manifest.json"} <= names  # fmt: skip
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["step"] == 4 and len(state["losses"]) == 4
-    saved = load_file(ckpt / "adapter.safetensors")
+    assert state["global_step"] == 4
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    assert all("learning_rate" in e for e in state["log_history"] if "loss" in e)
+    saved = load_file(ckpt / "adapter_model.safetensors")
     live = adapters(model)
-    assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
+    assert len(saved) == len(live) > 0
+    opened = PeftModel.from_pretrained(make_tiny_llama(seed=0), ckpt)
+    reopened = {n: p for n, p in opened.named_parameters() if "spp_" in n}
+    ours = {n.replace(".default", ""): p for n, p in live.items()}
+    assert len(reopened) == len(ours)
+    assert all(torch.equal(p, ours[n.replace(".default", "")]) for n, p in reopened.items())
 
 
-def test_half_written_checkpoint_does_not_break_resume(tmp_path):
+def test_half_written_checkpoint_does_not_break_resume(tmp_path, caplog):
     data = examples()
     model = spp_model()
     train(model, data, TrainConfig(**CFG, stop_after=2), tmp_path, progress=False)
-    # A crash while writing step 3: its directory exists, the pointer was never switched.
-    broken = tmp_path / "checkpoints" / "step-00000003"
+    # A crash while Trainer wrote step 3: its directory exists, without a manifest.
+    broken = tmp_path / "checkpoint-3"
     broken.mkdir()
-    (broken / "adapter.safetensors").write_bytes(b"partial")
+    (broken / "adapter_model.safetensors").write_bytes(b"partial")
     again = spp_model()
-    result = train(again, data, TrainConfig(**CFG), tmp_path, resume=True, progress=False)
-    assert result.step == 4
+    with caplog.at_level("WARNING", logger="spp_kernels.training"):
+        result = train(again, data, TrainConfig(**CFG), tmp_path, resume=True, progress=False)
+    assert "checkpoint-3 is not usable" in caplog.text and result.step == 4
+    assert (tmp_path / "unusable-checkpoint-3").is_dir()
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     data = examples()
-    ref = train(spp_model(), data, TrainConfig(**CFG), tmp_path / "ref", progress=False)
+    ref = spp_model()
+    train(ref, data, TrainConfig(**CFG), tmp_path / "ref", progress=False)
     train(spp_model(), data, TrainConfig(**CFG, stop_after=3), tmp_path / "run", progress=False)
-    root = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000003"]
-    bad = root / "step-00000003" / "optimizer.safetensors"
+    root = tmp_path / "run"
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    bad = root / "checkpoint-3" / "adapter_model.safetensors"
     bad.write_bytes(bad.read_bytes()[:-8] + b"\xff" * 8)  # same size, other bytes
     again = spp_model()
     with caplog.at_level("WARNING", logger="spp_kernels.training"):
-        result = train(again, data, TrainConfig(**CFG), tmp_path / "run", resume=True,
-                       progress=False)  # fmt: skip
+        result = train(again, data, TrainConfig(**CFG), root, resume=True, progress=False)
     assert str(bad) in caplog.text and "trying an older one" in caplog.text
-    assert result.step == 4 and result.losses == ref.losses  # resumed from step 2, bit-exact
-
-
-def test_checkpoint_pointer_may_only_name_a_step_directory(tmp_path, caplog):
-    data = examples()
-    train(spp_model(), data, TrainConfig(**CFG, stop_after=2), tmp_path, progress=False)
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    pointer = tmp_path / "checkpoints" / "latest.json"
-    pointer.write_text(json.dumps({"step": 9, "dir": "../elsewhere"}))
-    with caplog.at_level("WARNING", logger="spp_kernels.training"):
-        result = train(spp_model(), data, TrainConfig(**CFG), tmp_path, resume=True,
-                       progress=False)  # fmt: skip
-    assert "not a step directory of checkpoints/" in caplog.text
-    assert result.step == 4
-    assert not any(outside.iterdir())
+    assert result.step == 4  # resumed from step 2, bit-exact
+    a, b = adapters(ref), adapters(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path):
@@ -200,13 +208,29 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path):
             signal.raise_signal(signal.SIGINT)
 
     previous = signal.getsignal(signal.SIGINT)
-    result = train(model, data, TrainConfig(**CFG), tmp_path, progress=False, callback=interrupt)
+    out = tmp_path / "run"
+    result = train(model, data, TrainConfig(**CFG), out, progress=False, callback=interrupt)
     assert signal.getsignal(signal.SIGINT) is previous
-    assert result.interrupted and result.step == 1
-    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 1
+    assert result.interrupted and result.step == 1 and result.stop_signal == signal.SIGINT
+    assert latest_checkpoint(out).name == "checkpoint-1"
     again = spp_model()
-    done = train(again, data, TrainConfig(**CFG), tmp_path, resume=True, progress=False)
+    done = train(again, data, TrainConfig(**CFG), out, resume=True, progress=False)
     assert done.step == 4
+    # Bit-identical to a run never interrupted (dropout 0.1: the RNG state is restored).
+    ref = spp_model()
+    train(ref, data, TrainConfig(**CFG), tmp_path / "ref", progress=False)
+    a, b = adapters(ref), adapters(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_on_a_process_count_not_dividing_the_global_batch_is_refused(
+    tmp_path, monkeypatch
+):
+    data = examples()
+    train(spp_model(), data, TrainConfig(**CFG, stop_after=1), tmp_path, progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # global batch 3 (batch 3, one process)
+    with pytest.raises(ValueError, match="global batches of 3 examples, which 2 processes"):
+        train(spp_model(), data, TrainConfig(**CFG), tmp_path, resume=True, progress=False)
 
 
 def test_resume_refuses_changed_settings_or_data(tmp_path):
@@ -226,6 +250,34 @@ def test_resume_refuses_changed_settings_or_data(tmp_path):
         train(spp_model(), data[:-1], TrainConfig(**CFG), tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match="no checkpoint"):
         train(spp_model(), data, TrainConfig(**CFG), tmp_path / "none", resume=True, progress=False)
+
+
+def test_a_run_of_the_old_loop_is_refused_on_resume(tmp_path):
+    (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)
+    with pytest.raises(ValueError, match="spp-kernels 0.2's own training loop.*--force"):
+        train(spp_model(), examples(), TrainConfig(**CFG), tmp_path, resume=True, progress=False)
+
+
+def test_skipped_non_finite_steps_leave_the_adapters_unchanged(tmp_path):
+    model = spp_model(dropout=0.0)
+    before = adapters(model)
+    poisoned = {"on": True}
+
+    def nan_hook(module, args, output):
+        return output * float("nan") if poisoned["on"] else output
+
+    handle = model.get_base_model().lm_head.register_forward_hook(nan_hook)
+    config = TrainConfig(**{**CFG, "skip_nonfinite": 4, "max_steps": 2})
+    result = train(model, examples(), config, tmp_path, progress=False)
+    handle.remove()
+    assert result.skipped_nonfinite == 2 and result.last_skipped and result.unusable
+    after = adapters(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # Without --skip-nonfinite the first non-finite step stops the run.
+    model = spp_model(dropout=0.0)
+    model.get_base_model().lm_head.register_forward_hook(lambda m, a, o: o * float("nan"))
+    with pytest.raises(NonFiniteError, match="non-finite loss .* at step 1; no checkpoint"):
+        train(model, examples(), TrainConfig(**CFG), tmp_path / "b", progress=False)
 
 
 def test_distillation_from_identical_teacher_starts_at_zero_loss():

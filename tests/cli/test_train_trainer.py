@@ -1,0 +1,94 @@
+"""`spp train` on transformers' Trainer, as a Hugging Face user meets it: trackers, Trainer's
+checkpoints opened by peft in a fresh process (no spp_kernels import), DeepSpeed options,
+and the refusals that come before anything in --out changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.helpers import assert_user_error, cli_json, make_cli_models
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return make_cli_models(tmp_path_factory.mktemp("trainer"))
+
+
+def train_argv(models, out, *extra):
+    return ("train", "--model", models / "pruned", "--data", models / "text.txt",
+            "--max-len", "32", "--spp-r", "4", "--max-steps", "3", "--save-steps", "2",
+            "--out", out, *extra)  # fmt: skip
+
+
+def test_report_to_tensorboard_writes_loss_and_learning_rate(models, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    info = cli_json(capsys, *train_argv(models, out, "--report-to", "tensorboard"))
+    assert info["steps"] == 3
+    events = list(out.glob("runs/*/events.out.tfevents.*"))
+    assert len(events) == 1  # inside --out
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "train/learning_rate" in tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]
+
+
+def test_a_checkpoint_opens_with_peft_in_a_fresh_process(models, tmp_path, capsys):
+    """PeftModel.from_pretrained(base, out/checkpoint-N) as a user types it, in a process
+    that never imports spp_kernels (the start-up hook registers SPP with peft)."""
+    out = tmp_path / "run"
+    cli_json(capsys, *train_argv(models, out))
+    script = textwrap.dedent(f"""
+        import sys
+        from peft import PeftModel
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained({str(models / "pruned")!r})
+        model = PeftModel.from_pretrained(base, {str(out / "checkpoint-2")!r})
+        saved = load_file({str(out / "checkpoint-2" / "adapter_model.safetensors")!r})
+        state = model.state_dict()
+        for key, value in saved.items():
+            live = key.replace(".spp_alpha", ".spp_alpha.default").replace(
+                ".spp_beta", ".spp_beta.default")
+            assert (state[live] == value).all(), key
+        print(type(model).__name__, len(saved))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "SPP_KERNELS_NO_HOOK"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["PeftModel", "28"]  # alpha and beta of 14 layers
+
+
+def test_refusals_come_before_out_changes(models, tmp_path, capsys):
+    out = tmp_path / "run"
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    line = assert_user_error(capsys, f"--deepspeed {bad}: not a readable JSON file",
+                             *train_argv(models, out, "--deepspeed", bad))  # fmt: skip
+    assert "\n" not in line
+    good = tmp_path / "zero2.json"
+    good.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert_user_error(capsys, "--skip-nonfinite", *train_argv(models, out, "--deepspeed", good,
+                                                              "--skip-nonfinite", "2"))  # fmt: skip
+    assert_user_error(capsys, "--fsdp needs several processes", *train_argv(models, out, "--fsdp"))
+    assert not out.exists()
+
+
+def test_a_run_of_spp_kernels_0_2_is_refused_on_resume(models, tmp_path, capsys):
+    out = tmp_path / "old"
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (out / "checkpoints" / "latest.json").write_text('{"step": 2, "dir": "step-00000002"}')
+    line = assert_user_error(capsys, "spp-kernels 0.2's own training loop",
+                             *train_argv(models, out, "--resume"))  # fmt: skip
+    assert "--force" in line and "spp-kernels==0.2" in line
