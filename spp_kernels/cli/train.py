@@ -185,6 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "processes": world,
         "fsdp": args.fsdp,
         "deepspeed": args.deepspeed,
+        "engine": result.engine,
         "adapter": str(out),
     }
     rows = [
@@ -193,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ["tokens", result.tokens],
         ["seconds (this run)", f"{result.seconds:.1f}"],
         ["trainable params", count.trainable],
-        ["processes", world],
+        ["processes", f"{world} ({result.engine})"],
         ["adapter saved to", str(out)],
     ]
     if result.interrupted:

@@ -95,6 +95,7 @@ class TrainResult:
     skipped_nonfinite: int = 0
     last_skipped: bool = False
     log_history: list[dict] = field(default_factory=list)
+    engine: str = "single process"  # "DDP", "FSDP2", "DeepSpeed ZeRO-3", ...
 
     @property
     def unusable(self) -> str | None:

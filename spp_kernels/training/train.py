@@ -296,6 +296,7 @@ def train(
             skipped_nonfinite=guard.skipped,
             last_skipped=guard.last_skipped,
             log_history=list(state.log_history),
+            engine=trainer.engine_name(),
         )
 
 

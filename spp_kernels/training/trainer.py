@@ -125,6 +125,20 @@ class SPPTrainer(Trainer):
         return bool(self.args.deepspeed) or os.environ.get(
             "ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # fmt: skip
 
+    def engine_name(self) -> str:
+        """What runs the processes, as observed: "single process", "DDP", "FSDP2",
+        "FSDP1", "DeepSpeed ZeRO-N"."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.DEEPSPEED:
+            plugin = self.accelerator.state.deepspeed_plugin
+            stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+            return f"DeepSpeed ZeRO-{stage}"
+        if kind == DistributedType.FSDP:
+            return "FSDP2" if getattr(self.accelerator, "is_fsdp2", False) else "FSDP1"
+        return "single process" if self.accelerator.num_processes == 1 else "DDP"
+
     def any_process(self, value: int) -> int:
         """The maximum of `value` over the processes (a collective when there are several)."""
         if self.accelerator.num_processes == 1:

@@ -82,7 +82,7 @@ def assert_same_adapters(a: dict, b: dict, rtol: float = 1e-4) -> None:
 
 def test_torchrun_ddp_matches_one_process_with_twice_the_batch(workdir, single):
     info = launch([*launcher("torchrun"), *TORCHRUN], train_args(workdir, workdir / "ddp", 2))
-    assert info["processes"] == 2 and info["fsdp"] is False and info["steps"] == int(STEPS)
+    assert info["processes"] == 2 and info["engine"] == "DDP" and info["steps"] == int(STEPS)
     assert_same_adapters(load_file(workdir / "ddp" / "adapter_model.safetensors"), single)
     # Trainer's intermediate checkpoints hold the same kind of adapter, openable by peft.
     assert_same_adapters(load_file(workdir / "ddp" / "checkpoint-4" / "adapter_model.safetensors"),
@@ -116,10 +116,10 @@ def test_accelerate_fsdp2_config_run_stopped_and_resumed_matches_one_process(
     stopped = launch([*launcher("accelerate"), *config],
                      train_args(workdir, out, 2, "--stop-after", "2"))  # fmt: skip
     assert stopped["interrupted"] is True and stopped["steps"] == 2
-    assert stopped["processes"] == 2
+    assert stopped["processes"] == 2 and stopped["engine"] == "FSDP2"  # not DDP in disguise
     resumed = launch([*launcher("torchrun"), *TORCHRUN],
                      train_args(workdir, out, 2, "--fsdp", "--resume"))  # fmt: skip
-    assert resumed["steps"] == int(STEPS) and resumed["fsdp"] is True
+    assert resumed["steps"] == int(STEPS) and resumed["engine"] == "FSDP2"
     assert_same_adapters(load_file(out / "adapter_model.safetensors"), single)
 
     from peft import PeftModel
@@ -156,6 +156,6 @@ def test_deepspeed_zero_matches_one_process(workdir, single, stage):
     config = ROOT / "configs" / "deepspeed" / f"zero{stage}.json"
     info = launch([*launcher("torchrun"), *TORCHRUN],
                   train_args(workdir, out, 2, "--deepspeed", str(config)))  # fmt: skip
-    assert info["processes"] == 2 and info["deepspeed"] == str(config)
+    assert info["processes"] == 2 and info["engine"] == f"DeepSpeed ZeRO-{stage}"
     assert_same_adapters(load_file(out / "adapter_model.safetensors"), single)
     assert_same_adapters(load_file(out / "checkpoint-4" / "adapter_model.safetensors"), single)
