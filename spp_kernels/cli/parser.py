@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsegpt-mask", choices=("block", "row"), default="block",
                    help="SparseGPT unstructured masks per 128-column block across rows (the "
                    "paper's Algorithm 1) or per row (block)")  # fmt: skip
+    p.add_argument("--refine", choices=("dsnot",), default=None,
+                   help="refine the Wanda mask without training: DSnoT (Zhang et al., 2023) "
+                   "on the attention projections, as the authors' default")  # fmt: skip
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     _common(p)

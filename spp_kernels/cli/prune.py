@@ -40,6 +40,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "sparsity_target": str(args.sparsity),
             "sparsity": models.sparsity_of(masks),
             "sparsegpt_mask": args.sparsegpt_mask if args.method == "sparsegpt" else None,
+            "refine": args.refine,
             "calibration": _calibration_name(args),
             "calibration_samples": nsamples,
             "calibration_seqlen": seqlen,
@@ -50,7 +51,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         extra = {"spp_prune.json": json.dumps(info, indent=2)}
         outdir.save_model_atomically(model, tokenizer, out, extra)
     rows = [
-        ["method", args.method],
+        ["method", args.method + (f" + {args.refine}" if args.refine else "")],
         ["target", str(args.sparsity)],
         ["sparsity (targeted layers)", f"{info['sparsity']:.4f}"],
         ["calibration", f"{nsamples} x {seqlen} tokens ({info['calibration']})" if nsamples
@@ -107,6 +108,7 @@ def _prune(args, model, sparsity, calibration, nsamples, seqlen) -> None:
         seqlen=seqlen or None,
         progress=not args.quiet,
         sparsegpt_mask=args.sparsegpt_mask,
+        refine=args.refine,
     )
 
 

@@ -29,12 +29,14 @@ from .calibration import (
     linear_targets,
     run_block,
 )
+from .dsnot import SKIP, InputMoments, dsnot_prune_weight
 from .magnitude import magnitude_prune_weight
 from .masks import Sparsity, kept_per_row, parse_sparsity, sparsity_name
 from .sparsegpt import BLOCKSIZE, MASKS, HessianAccumulator, sparsegpt_prune_weight
 from .wanda import InputNorms, wanda_prune_weight
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+REFINEMENTS = ("dsnot",)  # applied after the method's mask (DSnoT: after Wanda)
 
 
 def _validate_targets(
@@ -73,6 +75,8 @@ def _validate_targets(
 
 
 def _stats_factory(method: str) -> Callable[[nn.Linear], InputNorms | HessianAccumulator]:
+    if method == "wanda+dsnot":
+        return lambda lin: InputMoments(lin.in_features, lin.weight.device)
     if method == "wanda":
         return lambda lin: InputNorms(lin.in_features, lin.weight.device)
     # float32 statistics whatever the model dtype; float64 models keep float64
@@ -84,8 +88,16 @@ def _stats_factory(method: str) -> Callable[[nn.Linear], InputNorms | HessianAcc
 
 
 def _pruned_weight(
-    method: str, linear: nn.Linear, stats, sparsity: Sparsity, sparsegpt_mask: str = "block"
+    method: str,
+    linear: nn.Linear,
+    stats,
+    sparsity: Sparsity,
+    sparsegpt_mask: str = "block",
+    name: str = "",
 ) -> torch.Tensor:
+    if method == "wanda+dsnot":
+        refine = name.split(".")[0] not in SKIP
+        return dsnot_prune_weight(linear.weight, stats, sparsity, refine=refine)
     if method == "magnitude":
         return magnitude_prune_weight(linear.weight, sparsity)
     if method == "wanda":
@@ -120,6 +132,7 @@ def prune(
     seqlen: int | None = None,
     progress: bool = True,
     sparsegpt_mask: str = "block",
+    refine: str | None = None,
 ) -> SparsityReport:
     """Prune the nn.Linear layers inside a causal LM's decoder blocks, in place.
 
@@ -137,11 +150,21 @@ def prune(
         progress: show a tqdm bar over decoder layers.
         sparsegpt_mask: SparseGPT's unstructured mask: "block" (the reference's one
             threshold per 128-column block over all rows) or "row" (exact count per row).
+        refine: None, or "dsnot" (with method "wanda"): DSnoT's training-free mask
+            refinement (pruning/dsnot.py) on the attention projections; the MLP layers
+            keep the Wanda mask, as in the authors' default.
 
     Returns the `sparsity_report` of the pruned model.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if refine is not None and refine not in REFINEMENTS:
+        raise ValueError(f"refine must be None or one of {REFINEMENTS}, got {refine!r}")
+    if refine == "dsnot" and method != "wanda":
+        raise ValueError(f"refine='dsnot' refines a Wanda mask: use method='wanda', not {method!r}")
+    label = method
+    if refine == "dsnot":
+        method = "wanda+dsnot"
     target = parse_sparsity(sparsity)
     if sparsegpt_mask not in MASKS:
         raise ValueError(f"sparsegpt_mask must be one of {MASKS}, got {sparsegpt_mask!r}")
@@ -156,7 +179,7 @@ def prune(
     done = 0
     bar = tqdm(
         total=len(layers),
-        desc=f"{method} {sparsity_name(target)}",
+        desc=f"{label} {sparsity_name(target)}",
         unit="layer",
         disable=not progress,
     )
@@ -165,7 +188,7 @@ def prune(
         for i, block in enumerate(layers):
             stats = _collect_stats(method, block, targets[i], inputs, i) if calibrated else {}
             new = {
-                name: _pruned_weight(method, linear, stats.get(name), target, sparsegpt_mask)
+                name: _pruned_weight(method, linear, stats.get(name), target, sparsegpt_mask, name)
                 for name, linear in targets[i].items()
             }
             for name, linear in targets[i].items():

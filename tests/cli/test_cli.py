@@ -76,6 +76,13 @@ def test_prune_magnitude_and_wanda(workdir, capsys):
     assert out["calibration_samples"] == 4 and out["calibration_seqlen"] == 32
     assert (workdir / "wanda" / "config.json").is_file()
     assert (workdir / "wanda" / "tokenizer.json").is_file()
+    refined = run_json(capsys, "prune", "--model", workdir / "dense", "--method", "wanda",
+                       "--sparsity", "2:4", "--refine", "dsnot", "--calib", workdir / "text.txt",
+                       "--nsamples", "4", "--seqlen", "32", "--out", workdir / "dsnot")  # fmt: skip
+    assert refined["refine"] == "dsnot" and refined["sparsity"] == pytest.approx(0.5)
+    assert_user_error(capsys, "refines a Wanda mask", "prune", "--model", workdir / "dense",
+                      "--method", "magnitude", "--sparsity", "2:4", "--refine", "dsnot",
+                      "--out", workdir / "bad")  # fmt: skip
 
 
 def test_prune_table_goes_to_stdout_logs_to_stderr(workdir, tmp_path, capsys):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from spp_kernels.pruning import find_decoder_layers, prune
+from spp_kernels.pruning.dsnot import dsnot_prune_mask
 from spp_kernels.pruning.magnitude import magnitude_prune_weight
 from spp_kernels.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune_weight
 from spp_kernels.pruning.wanda import wanda_prune_weight
@@ -235,7 +236,7 @@ def test_masks_and_weights_do_not_move_with_the_thread_count(restore_threads):
     """Issue 23 item 1: magnitude, Wanda and SparseGPT give the same bits with 1, 2 and 4
     threads. SparseGPT's Cholesky factor of H^-1 used to depend on LAPACK's thread count
     (576 inputs is enough to show it); the pruning runs now factor on one CPU thread.
-    Wanda and magnitude need nothing: their reductions are per element or per row."""
+    Wanda, DSnoT and magnitude need nothing: their reductions are per element or per row."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(1024, 576, generator=gen) * torch.rand(576, generator=gen) * 3
     weight = torch.randn(192, 576, generator=gen)
@@ -250,6 +251,8 @@ def test_masks_and_weights_do_not_move_with_the_thread_count(restore_threads):
                 sparsegpt_prune_weight(weight.clone(), acc.hessian, 0.5),
                 wanda_prune_weight(weight.clone(), x.norm(dim=0), 0.5),
                 magnitude_prune_weight(weight.clone(), (2, 4)),
+                dsnot_prune_mask(weight, x.square().sum(0), x.sum(0) / 8, x.var(0), (2, 4)),
+                dsnot_prune_mask(weight, x.square().sum(0), x.sum(0) / 8, x.var(0), 0.5),
             ]
         )
         assert torch.get_num_threads() == threads  # given back after the factorisation
