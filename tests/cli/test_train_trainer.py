@@ -105,3 +105,26 @@ def test_gradient_checkpointing_gives_the_same_adapters(models, tmp_path, capsys
     assert a.keys() == b.keys()
     for key in a:  # recomputation changes no number (non-reentrant checkpointing)
         assert (a[key] - b[key]).abs().max() <= 1e-6 * a[key].abs().max(), key
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_the_shipped_deepspeed_configs_reach_trainer(name):
+    """configs/deepspeed/*.json as Trainer reads them: "auto" values filled from the
+    arguments (zero2 and zero3 also run on CPU in tests/training/test_distributed.py; the
+    offload file needs DeepSpeed's CPU Adam op, compiled on first use, so it is read here)."""
+    pytest.importorskip("deepspeed")
+    from pathlib import Path
+
+    from spp_kernels.training.config import TrainConfig
+    from spp_kernels.training.train import training_arguments
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / f"{name}.json"
+    config = TrainConfig(batch_size=3, grad_accum=2, max_grad_norm=0.5)
+    args = training_arguments(config, "/nonexistent", saves=False, use_cpu=True,
+                              deepspeed=str(path))  # fmt: skip
+    ds = args.hf_deepspeed_config
+    c = ds.config
+    assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (3, 2)
+    assert c["gradient_clipping"] == 0.5
+    assert ds.is_zero3() == name.startswith("zero3")
+    assert ds.is_offload() == name.endswith("offload")
