@@ -491,3 +491,19 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """JSON to `path` atomically (temporary file, fsync, os.replace)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+class ResultLog:
+    """The rows of a long benchmark run: each is printed as a JSON line and the file
+    {"meta", "rows"} rewritten atomically after it (a crash keeps the partial results)."""
+
+    def __init__(self, path: str | os.PathLike, meta: dict) -> None:
+        self.path, self.meta, self.rows = Path(path), meta, []
+
+    def __call__(self, row: dict) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.write()
+
+    def write(self, **extra: Any) -> None:
+        write_json_atomic(self.path, {"meta": self.meta, "rows": self.rows, **extra})

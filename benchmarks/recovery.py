@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -39,11 +38,11 @@ import torch
 from torch import nn
 
 from benchmarks.common import (
+    ResultLog,
     measure_peak_memory,
     metadata,
     result_stem,
     versions_line,
-    write_json_atomic,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -330,19 +329,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = SETTINGS
     meta = {**metadata("cpu", args.quick), "model": model_name, "data": data_name, "sizes": s,
             "lr": LR, "spp_r": SPP_R}  # fmt: skip
-    rows: list[dict[str, Any]] = []
     out = Path(args.out)
     stem = f"recovery-{result_stem(meta)}"
 
-    def log(row: dict[str, Any]) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})  # partial results
-
+    log = ResultLog(out / f"{stem}.json", meta)
+    rows = log.rows
     t0 = time.perf_counter()
     run(dense, tokenizer, data, s, settings, log=log)
     meta["seconds"] = time.perf_counter() - t0
-    write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
+    log.write()
     (out / f"{stem}.md").write_text(markdown(rows, meta))
     plot(rows, out / f"{stem}.png")
     print(markdown(rows, meta))

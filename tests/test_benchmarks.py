@@ -333,3 +333,27 @@ def test_profile_small_step_lists_operators_of_both_providers():
     assert any(key in times["spp"] for key in GEMMS) and any(k in times["lora"] for k in GEMMS)
     assert "_EagerSPPLinear" in times["spp"] and "_EagerSPPLinear" not in times["lora"]
     assert all(ms >= 0 and calls > 0 for ms, calls in times["spp"].values())
+
+
+def test_recovery_protocol_quick_runs_grids_seeds_and_paired_differences(tmp_path, keep_threads):
+    from benchmarks import recovery_protocol
+
+    assert recovery_protocol.main(["--quick", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("protocol-*.json")
+    data = json.loads(result.read_text())
+    kinds = [r["kind"] for r in data["rows"]]
+    assert kinds.count("lr-grid") == 3 * 2  # three methods, two rates each in quick mode
+    rates = next(r for r in data["rows"] if r["kind"] == "chosen-rates")
+    for method in ("spp", "lora*", "masked-ft"):
+        grid = [r for r in data["rows"] if r["kind"] == "lr-grid" and r["method"] == method]
+        assert rates[method] == min(grid, key=lambda r: r["validation_ppl"])["lr"]
+        runs = [r for r in data["rows"] if r["kind"] == "run" and r["method"] == method]
+        assert [r["seed"] for r in runs] == [0, 1] and {r["lr"] for r in runs} == {rates[method]}
+    spp = next(r for r in data["summary"] if r["method"] == "spp")
+    runs = {r["method"]: {x["seed"]: x["ppl"] for x in data["rows"]
+                          if x["kind"] == "run" and x["method"] == r["method"]}
+            for r in data["summary"]}  # fmt: skip
+    diffs = [runs["spp"][k] - runs["lora*"][k] for k in (0, 1)]
+    assert spp["spp_minus_lora_mean"] == pytest.approx(sum(diffs) / 2)
+    assert any(r["kind"] == "pruned" and "DSnoT" in r["setting"] for r in data["rows"])
+    assert all(r["zeros_kept"] for r in data["rows"] if r["kind"] == "run")

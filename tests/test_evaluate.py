@@ -181,3 +181,16 @@ def test_wiki_title_mc_runs_in_lm_eval_and_matches_a_hand_computation(tmp_path, 
         hits.append(float(max(range(len(lls)), key=lls.__getitem__) == doc["label"]))
     assert got["acc,none"] == pytest.approx(sum(hits) / limit)
     assert (tmp_path / "spp").is_dir()  # the task's JSON Lines file lives in the cache dir
+
+
+def test_fit_and_validation_partition_the_train_articles():
+    """Issue 23: learning rates are chosen on `validation`, runs train on `fit`; both are
+    train articles (by title hash), disjoint, and share nothing with held-out."""
+    from spp_kernels.datasets import wikipedia_articles
+
+    titles = {s: {a["title"] for a in wikipedia_articles(s)}
+              for s in ("train", "fit", "validation", "heldout")}  # fmt: skip
+    assert titles["fit"] | titles["validation"] == titles["train"]
+    assert not titles["fit"] & titles["validation"]
+    assert not titles["validation"] & titles["heldout"]
+    assert 0.08 < len(titles["validation"]) / len(titles["train"]) < 0.17
