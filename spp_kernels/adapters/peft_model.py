@@ -199,8 +199,21 @@ class SPPModel(PeftModel):
         peft), each file replaced atomically, the weights last (`checkpoint.save_adapter`).
         Refuses non-finite adapters, or a model whose SPP layers were merged away, before
         any adapter file is written. Under torch.distributed call on every rank (FSDP2 or
-        ZeRO-3 shards are gathered); rank 0 writes."""
-        if "state_dict" not in kwargs and any(hasattr(p, "full_tensor") for p in self.parameters()):
+        DeepSpeed ZeRO-3 shards are gathered); rank 0 writes."""
+        partitioned = [(n, p) for n, p in self.named_parameters() if hasattr(p, "ds_id")]
+        if "state_dict" not in kwargs and any("spp_" in n for n, _ in partitioned):
+            # DeepSpeed ZeRO-3: parameters are partitioned (empty on each rank) unless below
+            # stage3_param_persistence_threshold; gather the adapters (a collective).
+            import deepspeed
+
+            spp = [p for n, p in partitioned if "spp_" in n]
+            with deepspeed.zero.GatheredParameters(spp, modifier_rank=None):
+                kwargs["state_dict"] = {
+                    k: v.detach().clone() for k, v in self.state_dict().items() if "spp_" in k
+                }
+        elif "state_dict" not in kwargs and any(
+            hasattr(p, "full_tensor") for p in self.parameters()
+        ):
             # FSDP2 shards (DTensors): gather the trainable tensors (a collective, every rank)
             kwargs["state_dict"] = {
                 k: _full(v.detach())

@@ -271,22 +271,35 @@ def _deepspeed_config(path: str | None) -> str | None:
     return str(p)
 
 
-def _zero_masks(model: Any) -> dict[str, tuple[Any, Any]]:
-    """{name: (layer, bool mask of its exact zeros)} of the targeted layers, before SPP."""
-    return {n: (m, (m.weight.detach() == 0).cpu()) for n, m in target_linears(model).items()}
+def _zero_masks(model: Any) -> dict[str, tuple[Any, tuple[int, ...], str]]:
+    """{name: (layer, shape, digest of its zero mask)} of the targeted layers, before SPP:
+    a 32-byte digest per layer instead of a mask (a 70B's masks would be 64 GB)."""
+    return {n: (m, tuple(m.weight.shape), _zeros_digest(m.weight)) for n, m in
+            target_linears(model).items()}  # fmt: skip
 
 
-def _check_zeros_kept(masks: dict[str, tuple[Any, Any]]) -> None:
-    """Sparsity check after training: every zero of the frozen weights is still zero.
-    FSDP2 shards are gathered (every rank calls this); a layer whose dense weight is no
-    longer held (packed N:M, DeepSpeed ZeRO-3 partitions) keeps its zeros by construction."""
-    for name, (layer, before) in masks.items():
+def _zeros_digest(weight: Any) -> str:
+    """sha256 of the bit-packed mask of exact zeros (transient: one layer's mask)."""
+    import hashlib
+
+    import numpy as np
+
+    zeros = (weight.detach() == 0).cpu().numpy()
+    return hashlib.sha256(np.packbits(zeros).tobytes()).hexdigest()
+
+
+def _check_zeros_kept(masks: dict[str, tuple[Any, tuple[int, ...], str]]) -> None:
+    """Sparsity check after training: the zero mask of every frozen weight is unchanged
+    (bitwise, by digest). FSDP2 shards are gathered (every rank calls this, in the same
+    order); a layer whose dense weight is no longer held (packed N:M, DeepSpeed ZeRO-3
+    partitions) keeps its zeros by construction."""
+    for name, (layer, shape, digest) in masks.items():
         weight = layer.weight.detach()
         full = getattr(weight, "full_tensor", None)
         weight = full() if callable(full) else weight
-        if tuple(weight.shape) != tuple(before.shape):
+        if tuple(weight.shape) != shape:
             continue
-        if not bool(((weight.cpu() == 0) | ~before).all()):
+        if _zeros_digest(weight) != digest:
             raise UserError(f"training changed the zeros of {name}: sparsity was lost")
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .checkpoints import write_checkpoint_manifest
+from .checkpoints import rotate, write_checkpoint_manifest
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ class StopOnSignal(TrainerCallback):
                 control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put the previous handlers back (also when training raised)."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
@@ -194,22 +198,26 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class SealCheckpoints(TrainerCallback):
-    """Write checkpoint-N's manifest after Trainer saved it (see training.checkpoints)."""
+    """Write checkpoint-N's manifest after Trainer saved it, then keep the newest `keep`
+    sealed checkpoints (see training.checkpoints)."""
 
     def __init__(
         self,
         run: Callable[[], dict[str, Any]],
         is_main: bool,
         barrier: Callable[[], None],
+        keep: int,
         guard: NonFiniteGuard | None = None,
     ) -> None:
         self.run, self.is_main, self.barrier, self.guard = run, is_main, barrier, guard
+        self.keep = keep
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.barrier()  # every process has written its files (rng_state_<rank>.pth, shards)
         directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.is_main and directory.is_dir():
             write_checkpoint_manifest(directory, self.run())
+            rotate(args.output_dir, self.keep)
         if self.guard is not None:
             self.guard.last_saved_step = state.global_step
         self.barrier()

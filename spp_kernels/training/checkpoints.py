@@ -10,7 +10,9 @@ every file, the run's fingerprint (the options a resume must not change) and the
 non-finite step counters. A checkpoint without a manifest (a crash while saving) or whose
 files differ from it (a bad disk, a truncated copy) is skipped with a warning naming the
 file, and the next newest is used; the newer unusable one is renamed out of Trainer's
-`checkpoint-*` pattern so that rotation never keeps it in place of a good one. Trainer
+`checkpoint-*` pattern so that rotation never keeps it in place of a good one. Rotation
+(`rotate`, in place of Trainer's save_total_limit, which deletes older checkpoints before
+the new one is sealed) runs after sealing and counts sealed checkpoints only. Trainer
 loads the .pt files with `torch.load(weights_only=True)`: no code runs from them.
 
 Runs written by spp-kernels 0.2 (`checkpoints/step-N/`, its own loop) are recognised and
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +116,32 @@ def latest_usable(out_dir: str | os.PathLike, tidy: bool = True) -> tuple[Path, 
             problems.append(str(e))
             continue
         for newer in candidates[: candidates.index(directory)] if tidy else []:
-            aside = newer.with_name(UNUSABLE_PREFIX + newer.name)
-            if not aside.exists():
-                newer.rename(aside)
-                log.warning("renamed the unusable checkpoint %s to %s", newer.name, aside.name)
+            aside = _free_name(newer.with_name(UNUSABLE_PREFIX + newer.name))
+            newer.rename(aside)
+            log.warning("renamed the unusable checkpoint %s to %s", newer.name, aside.name)
         return directory, run
     raise CheckpointError(f"no usable checkpoint in {checkpoint_root(out_dir)}: {problems[0]}")
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path`-2, -3, ... : the first name not taken (a second crash at the same
+    step must not leave the bad directory in Trainer's checkpoint-* pattern)."""
+    candidate, k = path, 1
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.name}-{k}")
+    return candidate
+
+
+def rotate(out_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` sealed checkpoints (a manifest present); returns
+    the deleted ones. Unsealed directories are left alone (their files may still be in
+    use); resume ignores them. Call on the writing process after sealing."""
+    sealed = [d for d in checkpoint_dirs(out_dir) if (d / MANIFEST_NAME).is_file()]
+    removed = sealed[keep:]
+    for directory in removed:
+        shutil.rmtree(directory, ignore_errors=True)
+    return removed
 
 
 def fingerprint_diff(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:

@@ -118,12 +118,13 @@ class TrainResult:
 def total_steps(
     n_examples: int, config: TrainConfig, world_size: int = 1, global_batch: int | None = None
 ) -> int:
-    """Optimizer steps of a run: ceil(epochs * global batches per epoch / grad_accum),
-    capped by max_steps; a global batch holds world_size * batch_size examples (or
-    `global_batch`, a resumed run's)."""
+    """Optimizer steps of a run, as Trainer counts them: epochs * ceil(global batches per
+    epoch / grad_accum) (the last step of an epoch may accumulate fewer), or max_steps
+    when set; a global batch holds world_size * batch_size examples (or `global_batch`)."""
+    if config.max_steps:
+        return config.max_steps
     per_epoch = math.ceil(n_examples / (global_batch or config.batch_size * world_size))
-    steps = math.ceil(config.epochs * per_epoch / config.grad_accum)
-    return min(steps, config.max_steps) if config.max_steps else steps
+    return config.epochs * math.ceil(per_epoch / config.grad_accum)
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float) -> float:

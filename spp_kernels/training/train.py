@@ -66,6 +66,12 @@ __all__ = [
 ]
 
 
+_DEEPSPEED_SKIP = (
+    "train: skip_nonfinite needs the optimizer step to be skippable, which DeepSpeed does "
+    "inside backward: use skip_nonfinite=0 with DeepSpeed"
+)
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The directory of the newest verified checkpoint under `out_dir`, or None."""
     try:
@@ -140,7 +146,7 @@ def training_arguments(
         report_to=_report_to(config.report_to),
         save_strategy="steps" if saves else "no",
         save_steps=config.save_every,
-        save_total_limit=config.keep_checkpoints,
+        save_total_limit=None,  # SealCheckpoints rotates, after sealing the new one
         disable_tqdm=True,  # StderrProgress: stdout is the command's result
         remove_unused_columns=False,
         average_tokens_across_devices=True,
@@ -214,8 +220,10 @@ def train(
         resume: continue from the newest verified checkpoint in `out_dir` (error if none).
         fingerprint: extra JSON values (e.g. data digest, SPP config) stored with every
             checkpoint and required to match on resume.
-        callback: called as callback(step, last logged loss) after every optimizer step;
-            returning True stops the run there (with a checkpoint), like `stop_after`.
+        callback: called as callback(step, last logged loss) after every optimizer step
+            (Trainer logs after the step's callbacks: the loss is the previous logged
+            step's); returning True stops the run there (with a checkpoint), like
+            `stop_after`.
         deepspeed, fsdp, gradient_checkpointing: passed to TrainingArguments (fsdp: FSDP2
             over the decoder layers).
 
@@ -233,12 +241,18 @@ def train(
     if resume and (legacy := legacy_run(out_dir)) is not None:
         raise CheckpointError(legacy_message(legacy))
     if deepspeed is not None and config.skip_nonfinite:
-        raise ValueError("train: skip_nonfinite needs the optimizer step to be skippable, which "
-                         "DeepSpeed does inside backward: use skip_nonfinite=0 with deepspeed")  # fmt: skip
+        raise ValueError(_DEEPSPEED_SKIP)
     trainable_named_parameters(model)
     if resume:
         config = _keep_the_global_batch(config, out_dir)
     device = next(model.parameters()).device
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if single and device.type == "cuda" and (device.index or 0) != 0:
+        # Trainer trains one process on cuda:0 (args.device): the model would move there.
+        raise ValueError(
+            f"train: the model is on {device}; one process trains on the first visible GPU: "
+            f"run with CUDA_VISIBLE_DEVICES={device.index} and the model on cuda"
+        )
     saves = out_dir is not None
     with contextlib.ExitStack() as stack:
         output_dir = out_dir if saves else stack.enter_context(tempfile.TemporaryDirectory())
@@ -247,17 +261,25 @@ def train(
             deepspeed=deepspeed, fsdp=fsdp, fsdp_layer_classes=_layer_classes(model) if fsdp
             else None, gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
+        if single and device.type == "cuda":
+            args._n_gpu = 1  # one process, one GPU: never torch.nn.DataParallel over the rest
         guard = NonFiniteGuard(config.skip_nonfinite)
         trainer = SPPTrainer(
             model=model, args=args, train_dataset=ExampleDataset(examples),
             data_collator=ExampleCollator(pad_id), spp_config=config, teacher=teacher,
             guard=guard,
         )  # fmt: skip
+        if trainer.is_deepspeed_enabled and config.skip_nonfinite:  # also from a config file
+            raise ValueError(_DEEPSPEED_SKIP)
         any_process = trainer.any_process
         guard.any_process = any_process
         world = trainer.accelerator.num_processes
         is_main = trainer.accelerator.is_main_process
-        fp = _fingerprint(config, examples, fingerprint or {}, world)
+        extra = dict(fingerprint or {})
+        if trainer.is_deepspeed_enabled:
+            # ZeRO's optimizer states are saved per rank: a resume needs the same count.
+            extra["deepspeed_processes"] = world
+        fp = _fingerprint(config, examples, extra, world)
         signals = StopOnSignal(saves, any_process)
         stop_at = StopAt(config.stop_after, saves, callback, any_process)
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -269,7 +291,7 @@ def train(
         if saves:
             seal = SealCheckpoints(
                 lambda: {"fingerprint": fp, **guard.counters()}, is_main,
-                trainer.accelerator.wait_for_everyone, guard,
+                trainer.accelerator.wait_for_everyone, config.keep_checkpoints, guard,
             )  # fmt: skip
             trainer.add_callback(seal)
         checkpoint = None
@@ -278,8 +300,11 @@ def train(
         if teacher is not None:
             teacher.eval()
         start = time.perf_counter()
-        with _no_kv_cache(model, teacher):
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            with _no_kv_cache(model, teacher):
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            signals.restore()
         model.eval()
         state = trainer.state
         losses = [float(e["loss"]) for e in state.log_history if "loss" in e]

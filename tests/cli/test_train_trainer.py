@@ -128,3 +128,22 @@ def test_the_shipped_deepspeed_configs_reach_trainer(name):
     assert c["gradient_clipping"] == 0.5
     assert ds.is_zero3() == name.startswith("zero3")
     assert ds.is_offload() == name.endswith("offload")
+
+
+def test_the_sparsity_check_after_training_sees_one_changed_zero():
+    import torch
+
+    from spp_kernels.cli.output import UserError
+    from spp_kernels.cli.train import _check_zeros_kept, _zero_masks
+    from tests.helpers import make_tiny_llama
+
+    model = make_tiny_llama(seed=0)
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.weight[:, ::2] = 0
+    masks = _zero_masks(model)
+    _check_zeros_kept(masks)  # unchanged: passes
+    with torch.no_grad():
+        layer.weight[3, 4] = 1.0
+    with pytest.raises(UserError, match="changed the zeros of model.layers.0.self_attn.q_proj"):
+        _check_zeros_kept(masks)

@@ -68,8 +68,14 @@ def test_the_logged_learning_rates_follow_lr_factor(tmp_path):
 
 def test_total_steps():
     assert total_steps(10, TrainConfig(epochs=3, batch_size=4, grad_accum=1)) == 9
-    assert total_steps(10, TrainConfig(epochs=3, batch_size=4, grad_accum=2)) == 5
+    assert total_steps(10, TrainConfig(epochs=3, batch_size=4, grad_accum=2)) == 6
     assert total_steps(10, TrainConfig(epochs=3, batch_size=4, max_steps=2)) == 2
+
+
+def test_total_steps_is_what_trainer_runs():
+    config = TrainConfig(epochs=3, batch_size=4, grad_accum=2, lr=1e-3)
+    result = train(spp_model(), examples(10), config, progress=False)
+    assert result.step == result.total_steps == total_steps(10, config) == 6
 
 
 @pytest.mark.parametrize(
@@ -174,11 +180,12 @@ def test_half_written_checkpoint_does_not_break_resume(tmp_path, caplog):
     broken = tmp_path / "checkpoint-3"
     broken.mkdir()
     (broken / "adapter_model.safetensors").write_bytes(b"partial")
+    (tmp_path / "unusable-checkpoint-3").mkdir()  # set aside by an earlier crash at step 3
     again = spp_model()
     with caplog.at_level("WARNING", logger="spp_kernels.training"):
         result = train(again, data, TrainConfig(**CFG), tmp_path, resume=True, progress=False)
     assert "checkpoint-3 is not usable" in caplog.text and result.step == 4
-    assert (tmp_path / "unusable-checkpoint-3").is_dir()
+    assert (tmp_path / "unusable-checkpoint-3-2" / "adapter_model.safetensors").is_file()
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
