@@ -125,6 +125,69 @@ def table(tokens: int, gpus: int, r: int) -> str:
     return "\n".join(lines)
 
 
+# ---- low-bit frozen bases (issue 22): bytes of one (m, n) projection per format ----------
+# Packed N:M formats store n/2 kept values per row (2:4) plus the index metadata of
+# `nm_packed_nbytes`; int8 and FP8 values carry one fp32 scale per row, int4 values one
+# bf16 scale per 128 kept values (symmetric). bitsandbytes: NF4 packs two 4-bit codes per
+# byte with a uint8 absmax per 64 weights (double quantization) and an fp32 absmax per 256
+# of those; LLM.int8 stores int8 weights and an fp32 scale per row.
+FORMATS = ("dense bf16", "bnb int8", "bnb NF4", "2:4 bf16", "2:4 int8", "2:4 fp8", "2:4 int4")
+
+
+def format_nbytes(fmt: str, m: int, n: int) -> float:
+    """Bytes of a frozen (m, n) weight stored as `fmt` (one of FORMATS)."""
+    kept = m * n // 2
+    meta = nm_packed_nbytes(m, n, 2, 4, torch.bfloat16) - kept * 2
+    table = {
+        "dense bf16": m * n * 2,
+        "bnb int8": m * n + 4 * m,
+        "bnb NF4": m * n / 2 + m * n / 64 + 4 * m * n / (64 * 256),
+        "2:4 bf16": kept * 2 + meta,
+        "2:4 int8": kept + meta + 4 * m,
+        "2:4 fp8": kept + meta + 4 * m,
+        "2:4 int4": kept / 2 + meta + 2 * kept / 128,
+    }
+    return table[fmt]
+
+
+def frozen_bytes(c: dict, fmt: str) -> float:
+    """Frozen bytes of a whole model: the targeted projections in `fmt`, everything else
+    (embeddings, lm_head, norms) in bf16."""
+    layers, proj = c["num_hidden_layers"], projections(c)
+    linear = layers * sum(m * n for m, n in proj)
+    return layers * sum(format_nbytes(fmt, m, n) for m, n in proj) + (n_params(c) - linear) * 2
+
+
+def one_gpu_step(c: dict, fmt: str, tokens: int, r: int) -> dict[str, float]:
+    """GiB of one training step on one GPU with --gradient-checkpointing: frozen weights in
+    `fmt`, adapters + AdamW, activations, logits, and the total."""
+    parts = estimate(c, tokens, 1, r, fsdp=False, ckpt=True)
+    row = {
+        "frozen": frozen_bytes(c, fmt) / GIB,
+        "adapters+grad+AdamW": parts["adapters+grad+AdamW"],
+        "activations": parts["activations"],
+        "logits": parts["logits"],
+    }
+    row["total"] = sum(row.values())
+    return row
+
+
+def formats_table(tokens: int, r: int) -> str:
+    lines = [
+        "Frozen weights per format (GiB, from shapes; projections in the format, embeddings, "
+        f"lm_head and norms bf16), and one GPU's step for the 70B ({tokens} tokens, r = {r}, "
+        "--gradient-checkpointing).",
+        "",
+        "| format | " + " | ".join(SHAPES) + " | 70B one-GPU step total |",
+        "|---|" + "---:|" * (len(SHAPES) + 1),
+    ]
+    for fmt in FORMATS:
+        sizes = [frozen_bytes(c, fmt) / GIB for c in SHAPES.values()]
+        step = one_gpu_step(SHAPES["LLaMA-2-70B"], fmt, tokens, r)["total"]
+        lines.append(f"| {fmt} | " + " | ".join(f"{v:.1f}" for v in sizes) + f" | {step:.1f} |")
+    return "\n".join(lines)
+
+
 MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's stage3_max_live_parameters default
 
 
@@ -170,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(args.tokens_per_gpu, args.gpus, args.r))
     print()
     print(totals_table(args.tokens_per_gpu, args.gpus, args.r))
+    print()
+    print(formats_table(args.tokens_per_gpu, args.r))
     return 0
 
 

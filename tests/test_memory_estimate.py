@@ -20,3 +20,23 @@ def test_engine_totals_for_70b_on_8_gpus_add_up():
     # ZeRO-3 divides the dense weights by 8: less than DDP's packed copy, more than FSDP2's.
     assert rows["FSDP2 /8, packed 2:4"]["gpu"] < zero3 < rows["DDP, packed 2:4"]["gpu"]
     assert "| ZeRO-3 /8 + CPU offload | 16.0 | 130.1 |" in me.totals_table(8192, 8, 16)
+
+
+def test_low_bit_formats_match_the_issues_arithmetic_and_the_70b_int4_step_fits_48_gb():
+    """Issue 22's figures for LLaMA-2-70B's 68.45 B linear weights (decimal GB): dense bf16
+    137, packed 2:4 bf16 77 (values 68.5 + metadata 8.6), 2:4 int8 / FP8 about 43, 2:4 int4
+    (group 128) about 26, bitsandbytes NF4 about 35."""
+    c = me.SHAPES["LLaMA-2-70B"]
+    proj, layers = me.projections(c), c["num_hidden_layers"]
+    assert layers * sum(m * n for m, n in proj) == pytest.approx(68.45e9, rel=1e-3)
+
+    def linear_gb(fmt):
+        return layers * sum(me.format_nbytes(fmt, m, n) for m, n in proj) / 1e9
+
+    expected = {"dense bf16": 137, "2:4 bf16": 77, "2:4 int8": 43, "2:4 fp8": 43,
+                "2:4 int4": 26, "bnb NF4": 35}  # fmt: skip
+    for fmt, gb in expected.items():
+        assert linear_gb(fmt) == pytest.approx(gb, rel=0.03), fmt
+    int4 = me.one_gpu_step(c, "2:4 int4", 8192, 16)
+    assert int4["total"] < 48  # GiB: a 48 GB GPU
+    assert me.one_gpu_step(c, "bnb NF4", 8192, 16)["total"] > 48  # dense NF4 does not fit
