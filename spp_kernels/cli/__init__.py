@@ -89,6 +89,20 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first_line(e)}"
 
 
+def _quiet_deepspeed_on_cpu() -> bool:
+    """DeepSpeed, when installed, is imported by accelerate and warns on stdout that it fell
+    back to the CPU on every command of a GPU-less machine (even with --quiet); naming the
+    accelerator it would pick anyway silences it. Nothing changes where a GPU is present."""
+    if "DS_ACCELERATOR" in os.environ:
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `spp` and `python -m spp_kernels`; returns the exit status.
 
@@ -100,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False) or os.environ.get("SPP_DEBUG"))
     saved_logging = _setup_logging(args.quiet)
+    set_accelerator = _quiet_deepspeed_on_cpu()
     # main() can be called in-process: leave the caller's logging and threads as they were.
     # stdout carries the command's result only (a table, or JSON with --json): anything a
     # library prints while the command runs (DeepSpeed logs to stdout) goes to stderr.
@@ -121,3 +136,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         finally:
             _restore_logging(saved_logging)
+            if set_accelerator:
+                os.environ.pop("DS_ACCELERATOR", None)

@@ -147,3 +147,21 @@ def test_the_sparsity_check_after_training_sees_one_changed_zero():
         layer.weight[3, 4] = 1.0
     with pytest.raises(UserError, match="changed the zeros of model.layers.0.self_attn.q_proj"):
         _check_zeros_kept(masks)
+
+
+def test_quiet_commands_print_no_deepspeed_accelerator_warning(models, tmp_path):
+    """With DeepSpeed installed, accelerate imports it in every command; on a machine
+    without GPUs it used to warn (on stdout) that it fell back to the CPU, even with
+    --quiet."""
+    pytest.importorskip("deepspeed")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "spp_kernels", "prune", "--model", str(models / "dense"),
+         "--method", "magnitude", "--sparsity", "2:4", "--out", str(tmp_path / "p"),
+         "--quiet", "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "accelerator" not in proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["method"] == "magnitude"
+    assert "DS_ACCELERATOR" not in os.environ
