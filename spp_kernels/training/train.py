@@ -112,7 +112,6 @@ def training_arguments(
     *,
     saves: bool,
     use_cpu: bool,
-    progress: bool = True,
     deepspeed: str | os.PathLike | dict | None = None,
     fsdp: bool = False,
     fsdp_layer_classes: list[str] | None = None,
@@ -240,8 +239,6 @@ def train(
         raise ValueError("train: resume needs out_dir")
     if resume and (legacy := legacy_run(out_dir)) is not None:
         raise CheckpointError(legacy_message(legacy))
-    if deepspeed is not None and config.skip_nonfinite:
-        raise ValueError(_DEEPSPEED_SKIP)
     trainable_named_parameters(model)
     if resume:
         config = _keep_the_global_batch(config, out_dir)
@@ -257,8 +254,7 @@ def train(
     with contextlib.ExitStack() as stack:
         output_dir = out_dir if saves else stack.enter_context(tempfile.TemporaryDirectory())
         args = training_arguments(
-            config, output_dir, saves=saves, use_cpu=device.type == "cpu", progress=progress,
-            deepspeed=deepspeed, fsdp=fsdp, fsdp_layer_classes=_layer_classes(model) if fsdp
+            config, output_dir, saves=saves, use_cpu=device.type == "cpu", deepspeed=deepspeed, fsdp=fsdp, fsdp_layer_classes=_layer_classes(model) if fsdp
             else None, gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
         if single and device.type == "cuda":
@@ -269,7 +265,7 @@ def train(
             data_collator=ExampleCollator(pad_id), spp_config=config, teacher=teacher,
             guard=guard,
         )  # fmt: skip
-        if trainer.is_deepspeed_enabled and config.skip_nonfinite:  # also from a config file
+        if trainer.is_deepspeed_enabled and config.skip_nonfinite:  # --deepspeed or a config
             raise ValueError(_DEEPSPEED_SKIP)
         any_process = trainer.any_process
         guard.any_process = any_process

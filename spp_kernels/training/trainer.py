@@ -114,12 +114,12 @@ class SPPTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
 
     def create_accelerator_and_postprocess(self) -> None:
-        if self.is_deepspeed_enabled_by_args() and not torch.cuda.is_available():
+        if self._deepspeed_requested() and not torch.cuda.is_available():
             _skip_deepspeed_cpu_inference_op()
         super().create_accelerator_and_postprocess()
         _fsdp2_on_cpu(self)
 
-    def is_deepspeed_enabled_by_args(self) -> bool:
+    def _deepspeed_requested(self) -> bool:
         import os
 
         return bool(self.args.deepspeed) or os.environ.get(
