@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..adapters import get_spp_model
     from ..training.checkpoints import CheckpointError
     from ..training.data import check_vocab, file_digest
-    from ..training.train import NonFiniteError, train
+    from ..training.train import NonFiniteError, launched, train
 
     spp_config = _spp_config_from_args(args)
     config = _train_config_from_args(args)
@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if deepspeed is not None and config.skip_nonfinite:
         raise UserError("--skip-nonfinite needs a skippable optimizer step; DeepSpeed steps "
                         "inside backward: leave it at 0 with --deepspeed")  # fmt: skip
-    world, rank = _launched()
+    world, rank = launched()
     is_main = rank == 0
     if args.fsdp and world == 1:
         raise UserError("--fsdp needs several processes: launch with torchrun or accelerate")
@@ -208,13 +208,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             "run; lower --lr and train again"
         )
     return exit_status(result)
-
-
-def _launched() -> tuple[int, int]:
-    """(WORLD_SIZE, RANK) set by torchrun / accelerate launch; (1, 0) without a launcher."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 
 
 def _process_device(requested: str, world: int) -> Any:

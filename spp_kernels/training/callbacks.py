@@ -106,8 +106,9 @@ class StopAt(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         asked = False
         if self.ask is not None:
-            losses = [e["loss"] for e in state.log_history if "loss" in e]
-            asked = bool(self.ask(state.global_step, losses[-1] if losses else math.nan))
+            # The newest logged loss, found from the end: the history grows by a step a step.
+            loss = next((e["loss"] for e in reversed(state.log_history) if "loss" in e), math.nan)
+            asked = bool(self.ask(state.global_step, loss))
         at = self.step is not None and state.global_step >= self.step
         if self.any_process(int(asked or at)) and state.global_step < state.max_steps:
             control.should_save = self.saves

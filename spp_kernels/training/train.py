@@ -72,6 +72,11 @@ _DEEPSPEED_SKIP = (
 )
 
 
+def launched() -> tuple[int, int]:
+    """(WORLD_SIZE, RANK) set by torchrun / accelerate launch; (1, 0) without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The directory of the newest verified checkpoint under `out_dir`, or None."""
     try:
@@ -243,7 +248,7 @@ def train(
     if resume:
         config = _keep_the_global_batch(config, out_dir)
     device = next(model.parameters()).device
-    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    single = launched()[0] == 1
     if single and device.type == "cuda" and (device.index or 0) != 0:
         # Trainer trains one process on cuda:0 (args.device): the model would move there.
         raise ValueError(
@@ -324,7 +329,7 @@ def train(
 def _keep_the_global_batch(config: TrainConfig, out_dir: str | os.PathLike) -> TrainConfig:
     """A run resumed on another process count keeps its global batch: --batch-size becomes
     global / processes (with a warning) when that divides evenly, else CheckpointError."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, rank = launched()
     try:
         directory, run = latest_usable(out_dir, tidy=False)
     except CheckpointError:
@@ -337,7 +342,7 @@ def _keep_the_global_batch(config: TrainConfig, out_dir: str | os.PathLike) -> T
             f"resume: {directory} was trained on global batches of {saved} examples, which "
             f"{world} processes cannot share evenly: resume on a process count dividing {saved}"
         )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         log.warning(
             "resume: %s was trained on global batches of %d examples: kept on %d process(es), "
             "%d per process (--batch-size %d is not used)",
