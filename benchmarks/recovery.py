@@ -109,15 +109,18 @@ def lora_rank_for(model: nn.Module, budget: int) -> int:
 # ---------------------------------------------------------------- the three trained methods
 
 
-def wrap(method: str, pruned: nn.Module, spp_params: int | None) -> tuple[nn.Module, dict]:
-    """(trainable model, details) for `method`, on a copy of `pruned`."""
+def wrap(method: str, pruned: nn.Module, spp_params: int | None,
+         options: dict[str, Any] | None = None) -> tuple[nn.Module, dict]:  # fmt: skip
+    """(trainable model, details) for `method`, on a copy of `pruned`; `options` override
+    SPPConfig's fields (the protocol's ablations)."""
     model = copy.deepcopy(pruned)
     if method == "spp":
         from peft import get_peft_model
 
         from spp_kernels.adapters import SPPConfig
 
-        return get_peft_model(model, SPPConfig(r=SPP_R, dropout=0.0)), {"r": SPP_R}
+        fields = {"r": SPP_R, "dropout": 0.0, **(options or {})}
+        return get_peft_model(model, SPPConfig(**fields)), {"r": fields["r"]}
     if method == "lora*":
         from peft import LoraConfig, get_peft_model
 

@@ -339,7 +339,7 @@ def test_recovery_protocol_quick_runs_grids_seeds_and_paired_differences(tmp_pat
     from benchmarks import recovery_protocol
 
     assert recovery_protocol.main(["--quick", "--out", str(tmp_path)]) == 0
-    (result,) = tmp_path.glob("protocol-*.json")
+    (result,) = tmp_path.glob("recovery-protocol-*.json")
     data = json.loads(result.read_text())
     kinds = [r["kind"] for r in data["rows"]]
     assert kinds.count("lr-grid") == 3 * 2  # three methods, two rates each in quick mode
