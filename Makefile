@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	@# The Triton interpreter (CPU tests) needs numpy < 2.4; a CUDA machine keeps its numpy.
 	$(PY) -c "import torch, sys; sys.exit(torch.cuda.is_available())" \
 		&& $(PY) -m pip install -q "numpy<2.4" || true
-	$(PY) -m pip install -q $(NO_ISOLATION) -c constraints.txt -e '.[dev,demo,eval,trl,tensorboard]'
+	$(PY) -m pip install -q $(NO_ISOLATION) -c constraints.txt -e '.[dev,demo,eval,trl,tensorboard,bnb]'
 	@# DeepSpeed (spp train --deepspeed): its setup.py imports torch (no build isolation);
 	@# DS_BUILD_OPS=0 leaves its C++ ops to be compiled when first used.
 	$(PY) -m pip install -q -c constraints.txt hjson einops msgpack ninja

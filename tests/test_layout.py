@@ -34,9 +34,9 @@ MODULES = {
     "utils": ["", "hf", "hyperparameters", "io", "lazy", "seeding", "shapes", "threads"],
     "sparsity": ["", "nm", "packed", "semi_structured", "compressed", "sparse24", "report",
                  "hf_quantizer", "hf_conversion"],
-    "ops": ["", "operand", "backends", "validation", "groups", "dropout", "reference", "chunked",
+    "ops": ["", "quantized", "operand", "backends", "validation", "groups", "dropout", "reference", "chunked",
             "torch_backend", "triton_backend", "linear", "merge"],
-    "adapters": ["", "config", "registration", "layer", "packed_layer", "dispatch", "model",
+    "adapters": ["", "config", "registration", "layer", "packed_layer", "bnb_layer", "dispatch", "model",
                  "peft_model", "checkpoint", "authors"],
 }  # fmt: skip
 TOP = 6  # spp_kernels/__init__.py, __main__.py: the public surface

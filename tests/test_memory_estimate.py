@@ -40,3 +40,45 @@ def test_low_bit_formats_match_the_issues_arithmetic_and_the_70b_int4_step_fits_
     int4 = me.one_gpu_step(c, "2:4 int4", 8192, 16)
     assert int4["total"] < 48  # GiB: a 48 GB GPU
     assert me.one_gpu_step(c, "bnb NF4", 8192, 16)["total"] > 48  # dense NF4 does not fit
+
+
+def _bnb_layer_nbytes(layer) -> int:
+    """Bytes a bitsandbytes layer holds for its weight: the codes and every scale tensor of
+    its quantization state (nested absmax, code tables, offsets)."""
+    weight = layer.weight
+    total = weight.data.numel() * weight.data.element_size()
+    state = getattr(weight, "quant_state", None)
+    if state is None:  # int8: one float32 absmax per row
+        scb = weight.SCB if weight.SCB is not None else layer.state.SCB
+        return total + scb.numel() * scb.element_size()
+    tensors = [state.absmax, state.code, getattr(state, "offset", None)]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code]
+    return total + sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@pytest.mark.parametrize("fmt", ["bnb int8", "bnb NF4"])
+def test_bitsandbytes_bytes_measured_on_smollm2_projections_match_the_estimate(fmt):
+    """The embedded SmolLM2-135M's seven projections (their real shapes, quantized by
+    bitsandbytes on CPU as from_pretrained does): measured bytes within 1 % of
+    format_nbytes (the estimate leaves out the 1 KB code tables)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch
+
+    from spp_kernels.utils.shapes import SMOLLM2_135M
+
+    shapes = me.projections(SMOLLM2_135M)
+    assert (192, 576) in shapes  # k_proj: three key-value heads of 64
+    measured = estimated = 0
+    for m, n in shapes:
+        w = torch.randn(m, n)
+        if fmt == "bnb int8":
+            layer = bnb.nn.Linear8bitLt(n, m, bias=False, has_fp16_weights=False)
+            layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(n, m, bias=False, quant_type="nf4", compress_statistics=True)
+            layer.weight = bnb.nn.Params4bit(w.to(torch.bfloat16), requires_grad=False,
+                                             quant_type="nf4", compress_statistics=True)  # fmt: skip
+        measured += _bnb_layer_nbytes(layer.to("cpu"))
+        estimated += me.format_nbytes(fmt, m, n)
+    assert measured == pytest.approx(estimated, rel=0.01)

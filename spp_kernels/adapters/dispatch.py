@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ops.quantized import is_bnb_layer
 from ..sparsity.nm import is_nm, nm_packed_nbytes, nm_pattern
 from ..sparsity.packed import PackedLinear
 from .config import WEIGHT_FORMATS, SPPConfig
@@ -69,6 +70,23 @@ def dispatch_packed(
     return SPPPackedLinear(base, adapter_name, config)
 
 
+def dispatch_bnb(
+    target: nn.Module, adapter_name: str, config: SPPConfig, **kwargs: Any
+) -> SPPLinear | None:
+    """An SPPBnbLinear over a bitsandbytes Linear4bit / Linear8bitLt (kept quantized), else
+    None. weight_format "nm" is refused: the base is quantized already, not packable."""
+    if not is_bnb_layer(target):
+        return None
+    if config.weight_format == "nm":
+        raise ValueError(
+            f"SPP: weight_format='nm' packs float weights, but this {type(target).__name__} "
+            "is quantized by bitsandbytes; use weight_format='dense' or 'auto'"
+        )
+    from .bnb_layer import SPPBnbLinear
+
+    return SPPBnbLinear(target, adapter_name, config)
+
+
 def dispatch_dense(
     target: nn.Module, adapter_name: str, config: SPPConfig, **kwargs: Any
 ) -> SPPLinear | None:
@@ -78,8 +96,9 @@ def dispatch_dense(
     return None
 
 
-# Tried in order; the first that returns a layer wins (peft's LoRA dispatch pattern).
-DISPATCHERS = [dispatch_packed, dispatch_dense]
+# Tried in order; the first that returns a layer wins (peft's LoRA dispatch pattern). The
+# bitsandbytes layers subclass nn.Linear, so theirs comes first.
+DISPATCHERS = [dispatch_bnb, dispatch_packed, dispatch_dense]
 
 
 def new_layer(target: nn.Module, adapter_name: str, config: SPPConfig, **kwargs: Any) -> SPPLinear:

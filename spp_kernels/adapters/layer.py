@@ -97,9 +97,7 @@ class SPPLayer(BaseTunerLayer):
         if config.r > self.out_features:
             raise ValueError(f"SPPLinear: r={config.r} exceeds out_features={self.out_features}")
         frozen = self.frozen_operand()
-        dtype = config.torch_adapter_dtype or frozen.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
+        dtype = config.torch_adapter_dtype or self._default_adapter_dtype(frozen)
         self.spp_alpha[adapter_name] = nn.Parameter(
             torch.empty(config.r, self.in_features, device=frozen.device, dtype=dtype)
         )
@@ -114,6 +112,10 @@ class SPPLayer(BaseTunerLayer):
         self.spp_adapter_dtype[adapter_name] = config.torch_adapter_dtype
         self.reset_adapter(config.init, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _default_adapter_dtype(self, frozen: FrozenWeight) -> torch.dtype:
+        """alpha and beta's dtype when the config names none: the frozen weight's."""
+        return frozen.dtype if frozen.dtype.is_floating_point else torch.float32
 
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
         # Every load path (peft's set_peft_model_state_dict, transformers' load_adapter,
@@ -258,6 +260,12 @@ class SPPLayer(BaseTunerLayer):
         active = self._active()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
+        return self._forward_adapters(x, active, *args, **kwargs)
+
+    def _forward_adapters(self, x: torch.Tensor, active: list[str], *args: Any,
+                          **kwargs: Any) -> torch.Tensor:  # fmt: skip
+        """Y with the active adapters, the layer unmerged: one op per adapter, the first one
+        computing X W^T + bias as well."""
         weight, bias = self.frozen_operand(), self.base_layer.bias
         y = None
         for k, name in enumerate(active):
@@ -362,6 +370,8 @@ class SPPLayer(BaseTunerLayer):
     weight_format = "dense"
     nm: tuple[int, int] | None = None
 
+    _repr_sparsity = True  # False where counting zeros means decoding the whole weight
+
     def sparsity(self) -> float:
         """Fraction of exact zeros in the frozen weight."""
         w = self._frozen_storage()
@@ -375,8 +385,9 @@ class SPPLayer(BaseTunerLayer):
         nm = "" if self.nm is None else f", weight_format=nm({self.nm[0]}:{self.nm[1]})"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.base_layer.bias is not None}, {adapters}, "
-            f"sparsity={self.sparsity():.3f}{nm}"
+            f"bias={self.base_layer.bias is not None}, {adapters}"
+            + (f", sparsity={self.sparsity():.3f}" if self._repr_sparsity else "")
+            + nm
         )
 
     def __repr__(self) -> str:

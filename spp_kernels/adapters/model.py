@@ -31,7 +31,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from ..ops.chunked import CHUNK_BYTES
 from ..ops.dropout import pack_keep_mask
+from ..ops.groups import row_chunks
+from ..ops.quantized import BnbWeight, is_bnb_layer
 from ..sparsity.packed import PackedLinear
 from ..utils.hf import check_finite
 from .config import ALL_LINEAR, LLAMA_TARGET_MODULES, SPPConfig
@@ -130,11 +133,36 @@ def _frozen_weight(module: nn.Module) -> torch.Tensor:
     return base.dense_weight() if isinstance(base, PackedLinear) else base.weight
 
 
+def _bnb_operand(module: nn.Module) -> BnbWeight | None:
+    """The unmerged quantized weight of a (wrapped) bitsandbytes linear, else None."""
+    from .bnb_layer import SPPBnbLinear
+
+    if isinstance(module, SPPBnbLinear):
+        return module.frozen_operand()
+    base = _frozen_of(module)
+    return BnbWeight.of_layer(base) if is_bnb_layer(base) else None
+
+
 def base_fingerprint(module: nn.Module) -> str | None:
     """'m x n:<mask hash>:<values hash>' of a (wrapped) linear's frozen weight, or None on the
     meta device: 16 hex digits of the sha256 of the packed zero mask, then of FINGERPRINT_ROWS
     evenly spaced rows rounded to bfloat16 (the same digest whether the base was loaded in
-    float32, bfloat16 or float16 from one checkpoint; a merge changes it)."""
+    float32, bfloat16 or float16 from one checkpoint; a merge changes it). A bitsandbytes
+    base adds ':<format>' ('nf4', 'fp4', 'int8') and is read from its dequantized rows,
+    chunk by chunk."""
+    digest = lambda b: hashlib.sha256(b).hexdigest()[:16]  # noqa: E731
+    quantized = _bnb_operand(module)
+    if quantized is not None:
+        m, n = quantized.shape
+        chunks = row_chunks(m, n, 1, quantized.dtype.itemsize, CHUNK_BYTES)
+        bits = b"".join(
+            pack_keep_mask(quantized.rows(row0, rows) != 0).cpu().numpy().tobytes()
+            for row0, rows in chunks
+        )
+        rows = torch.linspace(0, m - 1, min(m, FINGERPRINT_ROWS)).round().long().unique()
+        sample = torch.cat([quantized.rows(int(r), 1) for r in rows])
+        sample = sample.to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes()
+        return f"{m}x{n}:{digest(bits)}:{digest(sample)}:{quantized.kind}"
     w = _frozen_weight(module).detach()
     if w.device.type == "meta":
         return None
@@ -142,16 +170,21 @@ def base_fingerprint(module: nn.Module) -> str | None:
     bits = pack_keep_mask((w != 0).reshape(m, n)).cpu().numpy().tobytes()
     rows = torch.linspace(0, m - 1, min(m, FINGERPRINT_ROWS)).round().long().unique()
     sample = w[rows.to(w.device)].to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes()
-    digest = lambda b: hashlib.sha256(b).hexdigest()[:16]  # noqa: E731
     return f"{m}x{n}:{digest(bits)}:{digest(sample)}"
 
 
 def check_fingerprint(saved: dict[str, str], targets: dict[str, nn.Module]) -> None:
     """ValueError naming the first wrapped layer (in module order) whose frozen weight
     differs from `saved`: shapes first, then missing layers, zero patterns, then values (a
-    fingerprint from spp-kernels 0.2 has no values part: only its zero mask is compared)."""
+    fingerprint from spp-kernels 0.2 has no values part: only its zero mask is compared).
+    Between a quantized base and another format of it (an adapter trained on NF4, loaded on
+    the bfloat16 model, QLoRA's usual path) only shapes are compared: quantization moves
+    every value and may round a few small weights to zero."""
     now = {name: base_fingerprint(module) for name, module in targets.items()}
-    part = lambda fp, i: (fp.split(":") + [None, None])[i]  # noqa: E731
+    part = lambda fp, i: (fp.split(":") + [None, None, None])[i]  # noqa: E731
+    same_format = {
+        n for n in targets if n in saved and now[n] and part(now[n], 3) == part(saved[n], 3)
+    }
     for name in targets:
         if name in saved and now[name] is not None and part(now[name], 0) != part(saved[name], 0):
             raise ValueError(
@@ -166,7 +199,7 @@ def check_fingerprint(saved: dict[str, str], targets: dict[str, nn.Module]) -> N
         )
     hint = "; pass allow_other_base (CLI: --allow-other-base) to load it anyway"
     for name in targets:
-        if name not in saved or now[name] is None:
+        if name not in same_format:
             continue
         if part(now[name], 1) != part(saved[name], 1):
             raise ValueError(
@@ -175,7 +208,7 @@ def check_fingerprint(saved: dict[str, str], targets: dict[str, nn.Module]) -> N
             )
     for name in targets:
         values = part(saved.get(name, ""), 2)
-        if values is not None and now[name] is not None and part(now[name], 2) != values:
+        if values is not None and name in same_format and part(now[name], 2) != values:
             raise ValueError(
                 f"the adapter was trained on another base: the weights of layer {name} differ "
                 "(its zero pattern is the same: was this adapter already merged into this "
@@ -211,7 +244,17 @@ class SPPTuner(BaseTuner):
             out_features = module.out_features
             if config.r > out_features:
                 raise ValueError(f"SPP: r={config.r} exceeds out_features={out_features} of {name}")
-            if config.weight_format == "nm" and isinstance(module, nn.Linear):
+            if is_bnb_layer(module):
+                try:
+                    BnbWeight.of_layer(module)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+                if config.weight_format == "nm":
+                    raise ValueError(
+                        f"SPP: {name}: weight_format='nm' packs float weights, but this layer "
+                        "is quantized by bitsandbytes; use weight_format='dense' or 'auto'"
+                    )
+            elif config.weight_format == "nm" and isinstance(module, nn.Linear):
                 try:
                     _packing_pattern(module.weight.data, "nm", None)
                 except ValueError as e:

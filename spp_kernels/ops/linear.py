@@ -37,6 +37,7 @@ from ..sparsity.packed import PackedWeight
 from .backends import implementation, resolve_backend
 from .dropout import bits_width, draw_keep_bits, keep_bits_of, new_seed
 from .operand import FrozenWeight, cast_values, flatten, unflatten
+from .quantized import BnbWeight
 from .validation import DEFAULT_SCALE, FLOAT_DTYPES, TORCH_DTYPES, check_backend, check_spp_args
 
 Tensor = torch.Tensor
@@ -146,7 +147,9 @@ def _setup_context(ctx, inputs, output):
         inputs
     )
     bits = None if dropout_p == 0.0 else (keep if keep is not None else output[1])
-    ctx.save_for_backward(x, w, w_meta, alpha, beta, bits)
+    # A BnbWeight (eager calls only) is not a tensor: the context holds it as it is.
+    ctx.operand = None if isinstance(w, Tensor) else w
+    ctx.save_for_backward(x, w if ctx.operand is None else None, w_meta, alpha, beta, bits)
     ctx.n_keep, ctx.group = n_keep, group
     ctx.scale, ctx.dropout_p, ctx.backend, ctx.with_base = scale, dropout_p, backend, base
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -157,6 +160,7 @@ def _backward(ctx, dy, _dbits, bwd=spp_linear_bwd):
     """Gradients of spp_linear_fwd's inputs; `bwd` computes (dX, dalpha, dbeta): the custom
     op (what torch.compile traces) or its body (`_EagerSPPLinear`)."""
     x, w, w_meta, alpha, beta, bits = ctx.saved_tensors
+    w = w if ctx.operand is None else ctx.operand
     need = ctx.needs_input_grad
     need_dx, need_dab = need[0], need[3] or need[4]
     dx = dalpha = dbeta = dbias = None
@@ -252,7 +256,13 @@ def _call(
             f"{what}: the frozen weight requires grad, but SPP never trains W (it gets no "
             "gradient): freeze it with weight.requires_grad_(False)"
         )
-    resolved = resolve_backend(backend, x.device)
+    quantized = isinstance(weight, BnbWeight)
+    if quantized and backend == "triton":
+        raise ValueError(
+            f"{what}: a bitsandbytes ({weight.kind}) weight runs on the torch backend (its rows "
+            "are dequantized per chunk); use backend='auto' or 'torch'"
+        )
+    resolved = "torch" if quantized else resolve_backend(backend, x.device)
     allowed = FLOAT_DTYPES if resolved == "triton" else TORCH_DTYPES
     if x.dtype not in allowed:
         raise TypeError(f"{what}: dtype {x.dtype} is not supported by the {resolved} backend")
@@ -268,7 +278,12 @@ def _call(
     else:
         seed = torch.zeros((), dtype=torch.int64)
     w, w_meta, n_keep, group = flatten(weight)
-    if not _eager(x2d, w, alpha, beta, bias):
+    if not _eager(x2d, None if quantized else w, alpha, beta, bias):
+        if quantized:
+            raise TypeError(
+                f"{what}: a bitsandbytes ({weight.kind}) weight runs in eager mode only (not "
+                "under torch.compile, export, torch.func or with tensor subclasses)"
+            )
         op = spp_linear_fwd
     elif torch.is_grad_enabled():
         op = _EagerSPPLinear.apply
@@ -299,8 +314,10 @@ def spp_linear(
     """SPP linear layer: Y = X W^T + scale * Dropout(X) W'^T + bias.
 
     Shapes: x (..., n) with any leading dimensions and strides; weight W (m, n), frozen (no
-    gradient): a dense tensor or a `PackedWeight` (N:M packed; the fused kernels decode its
-    tiles in registers, the torch backend bounded row chunks); alpha (r, n) with
+    gradient): a dense tensor, a `PackedWeight` (N:M packed; the fused kernels decode its
+    tiles in registers, the torch backend bounded row chunks) or a `BnbWeight` (a
+    bitsandbytes NF4 / FP4 / int8 weight: torch backend, eager mode, rows dequantized per
+    chunk; usually with with_base=False beside the layer's own quantized matmul); alpha (r, n) with
     1 <= r <= m, beta (m,), bias (m,) or None; returns (..., m) in x's dtype.
     W'[o, i] = W[o, i] * alpha[g(o), i] * beta[o], g(o) = floor(o*r/m).
     Dropout (rate `dropout_p`, only when `training`) uses the mask `keep_mask` (bool of x's

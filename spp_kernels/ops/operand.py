@@ -2,6 +2,8 @@
 
     FrozenWeight = torch.Tensor (W itself, (m, n))
                  | PackedWeight (N:M packed values + metadata, spp_kernels.sparsity.packed)
+                 | BnbWeight (a bitsandbytes NF4 / FP4 / int8 weight, spp_kernels.ops.quantized:
+                              rows dequantized per chunk; torch backend, eager calls only)
 
 Both are tensor-like (`shape` (m, n), `dtype`, `device`), so the backends read W's size
 and type the same way for every kind; where they need dense rows they call `weight_rows`
@@ -21,9 +23,10 @@ from typing import Union
 import torch
 
 from ..sparsity.packed import PackedWeight
+from .quantized import BnbWeight
 
 Tensor = torch.Tensor
-FrozenWeight = Union[Tensor, PackedWeight]  # noqa: UP007 - a runtime alias for isinstance
+FrozenWeight = Union[Tensor, PackedWeight, BnbWeight]  # noqa: UP007 - a runtime alias
 
 
 def weight_rows(weight: FrozenWeight, row0: int, rows: int) -> Tensor:
@@ -39,15 +42,18 @@ def dense_or_none(weight: FrozenWeight) -> Tensor | None:
     return weight if isinstance(weight, Tensor) else None
 
 
-def flatten(weight: FrozenWeight) -> tuple[Tensor, Tensor | None, int, int]:
+def flatten(weight: FrozenWeight) -> tuple[Tensor | BnbWeight, Tensor | None, int, int]:
     """(values, meta or None, n_keep, group): the custom op's arguments for `weight`
-    (a dense W: (W, None, 0, 0))."""
-    if isinstance(weight, Tensor):
+    (a dense W: (W, None, 0, 0); a BnbWeight travels whole, (W, None, 0, 0), through the
+    eager path only)."""
+    if isinstance(weight, (Tensor, BnbWeight)):
         return weight, None, 0, 0
     return weight.values, weight.meta, weight.n_keep, weight.group
 
 
-def unflatten(values: Tensor, meta: Tensor | None, n_keep: int, group: int, n: int) -> FrozenWeight:
+def unflatten(
+    values: Tensor | BnbWeight, meta: Tensor | None, n_keep: int, group: int, n: int
+) -> FrozenWeight:
     """The operand back from `flatten`'s arguments; `n` is W's column count."""
     if meta is None:
         return values
@@ -55,5 +61,6 @@ def unflatten(values: Tensor, meta: Tensor | None, n_keep: int, group: int, n: i
 
 
 def cast_values(weight: FrozenWeight, dtype: torch.dtype) -> FrozenWeight:
-    """W in `dtype` (autocast): a packed weight casts its values only, never densified."""
+    """W in `dtype` (autocast): a packed weight casts its values only, never densified; a
+    quantized one decodes to `dtype`."""
     return weight.to(dtype)

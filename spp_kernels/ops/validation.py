@@ -15,6 +15,7 @@ from ..sparsity.packed import PackedWeight
 # The paper's hyper-parameters: one default for the op, SPPLinear, SPPConfig and the CLI (the
 # functional op alone defaults dropout to 0: see spp_linear's docstring).
 from ..utils.hyperparameters import DEFAULT_DROPOUT, DEFAULT_R, DEFAULT_SCALE  # noqa: F401
+from .quantized import BnbWeight
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TORCH_DTYPES = (*FLOAT_DTYPES, torch.float64)
@@ -33,13 +34,15 @@ def check_spp_args(
     what: str = "spp_linear",
 ) -> None:
     """Validate shapes, dtypes, devices and scalars of an SPP linear call: the one check of
-    a call's operands. `weight` is the frozen-weight operand: a dense (m, n) tensor or a
-    PackedWeight (whose values and metadata are checked against its N:M pattern here)."""
-    if isinstance(weight, PackedWeight):
+    a call's operands. `weight` is the frozen-weight operand: a dense (m, n) tensor, a
+    PackedWeight (whose values and metadata are checked against its N:M pattern here) or a
+    BnbWeight (checked when made from its layer)."""
+    if isinstance(weight, (PackedWeight, BnbWeight)):
         weight.check()
     elif not isinstance(weight, torch.Tensor):
         raise TypeError(
-            f"{what}: weight must be a torch.Tensor or a PackedWeight, got {type(weight).__name__}"
+            f"{what}: weight must be a torch.Tensor, a PackedWeight or a BnbWeight, got "
+            f"{type(weight).__name__}"
         )
     elif weight.dim() != 2:
         raise ValueError(f"{what}: weight must be 2-D (m, n), got shape {tuple(weight.shape)}")

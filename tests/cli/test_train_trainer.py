@@ -9,8 +9,10 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import assert_user_error, cli_json, make_cli_models
 
@@ -165,3 +167,36 @@ def test_quiet_commands_print_no_deepspeed_accelerator_warning(models, tmp_path)
     assert "accelerator" not in proc.stdout + proc.stderr
     assert json.loads(proc.stdout)["method"] == "magnitude"
     assert "DS_ACCELERATOR" not in os.environ
+
+
+@pytest.mark.parametrize("option", ["--load-in-4bit", "--load-in-8bit"])
+def test_low_bit_base_trains_and_the_adapter_merges_into_the_float_model(option, models, tmp_path,
+                                                                          capsys):  # fmt: skip
+    """QLoRA's path for SPP: train on a bitsandbytes base, merge the adapter into the float
+    pruned model it was quantized from; the merged model keeps every zero."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    info = cli_json(capsys, *train_argv(models, out, option))
+    assert info["steps"] == 3 and info["base_quantization"] == ("nf4" if "4" in option else "int8")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert all(fp.endswith((":nf4", ":int8")) for fp in config["base_fingerprint"].values())
+    cli_json(capsys, "merge", "--model", models / "pruned", "--adapter", out, "--out",
+             tmp_path / "merged")  # fmt: skip
+    from safetensors.torch import load_file
+
+    before, after = load_file(models / "pruned" / "model.safetensors"), {}
+    for f in (tmp_path / "merged").glob("*.safetensors"):
+        after.update(load_file(f))
+    projections = [k for k in before if k.endswith("proj.weight")]
+    assert projections
+    for key in projections:
+        assert bool((after[key][before[key] == 0] == 0).all()), f"{key}: a zero became nonzero"
+    assert any(not torch.equal(after[k], before[k]) for k in projections)
+
+
+def test_low_bit_base_with_deepspeed_is_refused_before_out_changes(models, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero2.json"
+    argv = train_argv(models, out, "--load-in-4bit", "--deepspeed", config)
+    assert_user_error(capsys, "does not combine with --fsdp or --deepspeed", *argv)
+    assert not out.exists()

@@ -26,6 +26,7 @@ import torch
 from tests.helpers import (  # noqa: E402
     HAS_CUDA,
     INTERPRETER_WARNINGS,
+    NaNEmptyTorch,
     assert_close,
     require_triton_kernels,
 )
@@ -78,26 +79,10 @@ def _error_table():
         print(f"\nmax normwise relative error of the Triton kernels vs float64:\n{rows}")
 
 
-class _NaNEmptyTorch:
-    """Stands in for the `torch` module inside the kernel launchers: torch.empty returns
-    NaN-filled (or -1 for integers) tensors, so unwritten output elements are caught."""
-
-    def __init__(self):
-        self.poisoned = 0
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def empty(self, *size, dtype=None, device=None, **kwargs):
-        self.poisoned += 1
-        t = torch.empty(*size, dtype=dtype, device=device, **kwargs)
-        return t.fill_(math.nan if t.is_floating_point() else -1)
-
-
 @pytest.fixture
 def poisoned(monkeypatch):
     """NaN-filled outputs and workspaces in the launchers; checks they were used."""
-    fake = _NaNEmptyTorch()
+    fake = NaNEmptyTorch()
     for module in (spp_forward_mod, spp_backward_mod, weight_chunks_mod, chunked, dropout_bits_mod):
         monkeypatch.setattr(module, "torch", fake)
     yield
