@@ -386,7 +386,7 @@ def _version(module: str) -> str | None:
 # adapters, data, evaluation); recorded in every result file's meta. The versions the
 # committed numbers were made with are pinned in constraints.txt (installed by the Makefile).
 LIBRARIES = ("transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy",
-             "datasets", "lm-eval", "trl")  # fmt: skip
+             "datasets", "lm-eval", "trl", "bitsandbytes")  # fmt: skip
 
 
 def library_versions() -> dict[str, str | None]:

@@ -357,3 +357,18 @@ def test_recovery_protocol_quick_runs_grids_seeds_and_paired_differences(tmp_pat
     assert spp["spp_minus_lora_mean"] == pytest.approx(sum(diffs) / 2)
     assert any(r["kind"] == "pruned" and "DSnoT" in r["setting"] for r in data["rows"])
     assert all(r["zeros_kept"] for r in data["rows"] if r["kind"] == "run")
+
+
+def test_lowbit_quality_quick_trains_every_bitsandbytes_format_and_keeps_zeros(
+    tmp_path, keep_threads
+):
+    pytest.importorskip("bitsandbytes")
+    from benchmarks import lowbit_quality
+
+    assert lowbit_quality.main(["--quick", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("lowbit-quality-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    spp = {r["format"]: r for r in rows if r.get("method") == "spp"}
+    assert set(spp) == {"bf16", "int8", "NF4"} and all(r["zeros_kept"] for r in spp.values())
+    assert any(r.get("method") == "qlora*" for r in rows)
+    assert "not implemented" in (tmp_path / result.name.replace(".json", ".md")).read_text()

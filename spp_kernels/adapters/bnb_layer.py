@@ -6,7 +6,8 @@ for SPP. See `spp_kernels.adapters.layer` for the math and the shared logic.
 The frozen term is the base layer's own quantized matmul (its bias included); each adapter
 term is the SPP op with with_base=False on the layer's `BnbWeight`, whose rows are
 dequantized per chunk (never the whole (m, n) per step). Merging replaces the base by a
-plain nn.Linear holding W * (1 + sum_k scale_k alpha_k[g] beta_k) with W dequantized (zeros
+plain nn.Linear (a `DequantizedLinear`, which takes any input dtype as the quantized layer
+did) holding W * (1 + sum_k scale_k alpha_k[g] beta_k) with W dequantized (zeros
 kept bitwise), the quantized layer kept aside: `unmerge()` puts it back unchanged, and
 `merge_and_unload()` gives the dequantized merged model.
 """
@@ -23,6 +24,24 @@ from ..ops.chunked import CHUNK_BYTES
 from ..ops.groups import row_chunks
 from ..ops.quantized import BnbWeight, standard_layout
 from .layer import SPPLinear, _linear
+
+
+class DequantizedLinear(nn.Linear):
+    """A plain nn.Linear holding a dequantized (merged) weight that, like the bitsandbytes
+    layer it replaces, takes any floating input: computed in the weight's dtype, returned
+    in the input's (after peft's prepare_model_for_kbit_training the activations around a
+    quantized layer are float32 while its weight was bfloat16). Its state dict is an
+    nn.Linear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+    @classmethod
+    def holding(cls, weight: torch.Tensor, bias: torch.Tensor | None, training: bool):
+        """A frozen layer holding `weight` (m, n) itself and a copy of `bias`."""
+        plain = _linear(weight, bias, training)
+        plain.__class__ = cls
+        return plain
 
 
 class SPPBnbLinear(SPPLinear):
@@ -78,7 +97,7 @@ class SPPBnbLinear(SPPLinear):
         if isinstance(value, nn.Module):
             self.base_layer = value
         else:
-            self.base_layer = _linear(value, self.base_layer.bias, self.training)
+            self.base_layer = DequantizedLinear.holding(value, self.base_layer.bias, self.training)
 
     def _merged_storage(self, merged_dense: torch.Tensor) -> torch.Tensor:
         return merged_dense
