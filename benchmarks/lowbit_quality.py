@@ -7,10 +7,11 @@ benchmarks.recovery), saved, then loaded with its projections in each base forma
   int8   bitsandbytes LLM.int8() (Linear8bitLt);
   NF4    bitsandbytes NF4 with double quantization (QLoRA's base);
 
-all computing in bfloat16. For each format: held-out Wikipedia perplexity of the base, then
-after the same SPP training (r = 16, the steps, batch, schedule and seed of
-benchmarks.recovery; learning rate --spp-lr), merged (a bitsandbytes base merges into a
-dequantized model; every zero is checked bitwise). Beside them, QLoRA*: LoRA r = 8 on the
+all computing in bfloat16 (adapters in float32, as QLoRA keeps them). For each format:
+held-out Wikipedia perplexity of the base, then after the same SPP training (r = 16, the
+steps, batch, schedule and seed of benchmarks.recovery; learning rate --spp-lr), merged (a
+bitsandbytes base merges into a dequantized model; every zero is checked bitwise) and
+evaluated in bfloat16. Beside them, QLoRA*: LoRA r = 8 on the
 NF4 base, trained the same way (--lora-lr), merged into the dequantized weight and the
 2:4 mask re-applied (the paper's LoRA* on a quantized base).
 
@@ -84,9 +85,9 @@ def spp_run(path: Path, fmt: str, data, s, lr: float, seed: int) -> dict[str, An
     if fmt != "bf16":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(seed)
-    spp = get_peft_model(model, SPPConfig(r=rec.SPP_R, dropout=0.0))
+    spp = get_peft_model(model, SPPConfig(r=rec.SPP_R, dropout=0.0, adapter_dtype="float32"))
     info = rec.train_method(spp, data["train"], s, lr, seed)
-    merged = spp.merge_and_unload().eval()
+    merged = spp.merge_and_unload().to(torch.bfloat16).eval()
     kept = all(bool((m.weight[masks[n]] == 0).all()) for n, m in rec.targets(merged).items())
     return {"base_ppl": base_ppl, "ppl": ppl(merged, data, s), "zeros_kept": kept, **info}
 
@@ -113,7 +114,7 @@ def qlora_run(path: Path, data, s, lr: float, seed: int) -> dict[str, Any]:
             plain = DequantizedLinear.holding(merged.to(torch.bfloat16), None, False)
             parent, _, child = name.rpartition(".")
             setattr(lora.get_submodule(parent), child, plain)
-    model = lora.get_base_model().eval()
+    model = lora.get_base_model().to(torch.bfloat16).eval()
     return {"ppl": ppl(model, data, s), **info}
 
 

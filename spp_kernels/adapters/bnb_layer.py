@@ -14,6 +14,7 @@ kept bitwise), the quantized layer kept aside: `unmerge()` puts it back unchange
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from ..ops.chunked import CHUNK_BYTES
 from ..ops.groups import row_chunks
 from ..ops.quantized import BnbWeight, standard_layout
 from .layer import SPPLinear, _linear
+
+logger = logging.getLogger(__name__)
 
 
 class DequantizedLinear(nn.Linear):
@@ -38,7 +41,10 @@ class DequantizedLinear(nn.Linear):
 
     @classmethod
     def holding(cls, weight: torch.Tensor, bias: torch.Tensor | None, training: bool):
-        """A frozen layer holding `weight` (m, n) itself and a copy of `bias`."""
+        """A frozen layer holding `weight` (m, n) itself and a copy of `bias` in its dtype
+        (peft's kbit preparation and bitsandbytes' forward both recast a quantized layer's
+        bias)."""
+        bias = None if bias is None else bias.detach().to(weight.dtype)
         plain = _linear(weight, bias, training)
         plain.__class__ = cls
         return plain
@@ -55,7 +61,7 @@ class SPPBnbLinear(SPPLinear):
 
     @staticmethod
     def _check_base(base_layer: nn.Module) -> None:
-        BnbWeight.of_layer(base_layer)  # ValueError naming what is unsupported
+        BnbWeight.check_layer(base_layer)  # ValueError naming what is unsupported
         if type(base_layer.weight).__name__ == "Params4bit":
             standard_layout(base_layer)  # one layout for the base's matmul and the operand
 
@@ -66,11 +72,23 @@ class SPPBnbLinear(SPPLinear):
     def frozen_operand(self, dtype: torch.dtype | None = None) -> BnbWeight:
         """The quantized W as the op's operand, decoding to `dtype` (default: the weight's
         dtype before quantization); while merged, that of the quantized layer kept aside."""
-        quantized = self._unmerged if isinstance(self._unmerged, nn.Module) else self.base_layer
+        quantized = self._unmerged[0] if self._unmerged is not None else self.base_layer
         return BnbWeight.of_layer(quantized, dtype)
 
     def _default_adapter_dtype(self, frozen: Any) -> torch.dtype:
         return torch.float32
+
+    def _move_adapter_to_device_of_base_layer(
+        self, adapter_name: str, device: torch.device | None = None
+    ) -> None:
+        """peft's move casts adapters to a 4-bit layer's compute dtype: the float32 default
+        is kept, as an explicit adapter_dtype is."""
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        if self.spp_adapter_dtype.get(adapter_name) is None:
+            for params in (self.spp_alpha, self.spp_beta):
+                p = params[adapter_name] if adapter_name in params else None  # noqa: SIM401
+                if p is not None and p.dtype != torch.float32:
+                    params[adapter_name] = nn.Parameter(p.detach().float(), p.requires_grad)
 
     def _forward_adapters(self, x: torch.Tensor, active: list[str], *args: Any,
                           **kwargs: Any) -> torch.Tensor:  # fmt: skip
@@ -90,20 +108,22 @@ class SPPBnbLinear(SPPLinear):
         """W (m, n) dequantized (a new tensor)."""
         return self.frozen_operand().dense()
 
-    def _frozen_storage(self) -> nn.Module:
-        return self.base_layer
+    def _frozen_storage(self) -> tuple[nn.Module]:
+        # in a tuple: kept aside while merged, the quantized layer must not become a
+        # registered submodule (its tensors would join the merged layer's state dict)
+        return (self.base_layer,)
 
-    def _set_frozen_storage(self, value: nn.Module | torch.Tensor) -> None:
-        if isinstance(value, nn.Module):
-            self.base_layer = value
+    def _set_frozen_storage(self, value: tuple[nn.Module] | torch.Tensor) -> None:
+        if isinstance(value, tuple):
+            self.base_layer = value[0]
         else:
             self.base_layer = DequantizedLinear.holding(value, self.base_layer.bias, self.training)
 
     def _merged_storage(self, merged_dense: torch.Tensor) -> torch.Tensor:
         return merged_dense
 
-    def _dense_of(self, storage: nn.Module) -> torch.Tensor:
-        return BnbWeight.of_layer(storage).dense()
+    def _dense_of(self, storage: tuple[nn.Module]) -> torch.Tensor:
+        return BnbWeight.of_layer(storage[0]).dense()
 
     def _unloaded_base(self) -> nn.Module:
         return self.base_layer
@@ -120,3 +140,34 @@ class SPPBnbLinear(SPPLinear):
             for row0, rows in row_chunks(m, n, 1, weight.dtype.itemsize, CHUNK_BYTES)
         )
         return 1.0 - nonzero / (m * n)
+
+
+def finish_dequantized(model: nn.Module) -> None:
+    """After merge_and_unload: the merged DequantizedLinear layers in the model's load dtype
+    (`config.dtype`), and, when no bitsandbytes layer is left, the model no longer marked
+    quantized (transformers' own `remove_quantization_config`), so that save_pretrained
+    writes a plain model that from_pretrained loads unquantized."""
+    from ..ops.quantized import is_bnb_layer
+
+    merged = [m for m in model.modules() if isinstance(m, DequantizedLinear)]
+    if not merged:
+        return
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        for layer in merged:
+            layer.to(dtype)
+    if any(is_bnb_layer(m) for m in model.modules()):
+        logger.warning(
+            "SPP: merged %d layers into dequantized weights; other layers are still quantized, "
+            "so save_pretrained keeps the quantization config and from_pretrained will "
+            "quantize the merged layers again",
+            len(merged),
+        )
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)

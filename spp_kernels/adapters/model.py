@@ -31,9 +31,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..ops.chunked import CHUNK_BYTES
 from ..ops.dropout import pack_keep_mask
-from ..ops.groups import row_chunks
 from ..ops.quantized import BnbWeight, is_bnb_layer
 from ..sparsity.packed import PackedLinear
 from ..utils.hf import check_finite
@@ -133,14 +131,20 @@ def _frozen_weight(module: nn.Module) -> torch.Tensor:
     return base.dense_weight() if isinstance(base, PackedLinear) else base.weight
 
 
-def _bnb_operand(module: nn.Module) -> BnbWeight | None:
-    """The unmerged quantized weight of a (wrapped) bitsandbytes linear, else None."""
+def _bnb_format(module: nn.Module) -> tuple[int, int, str] | None:
+    """(m, n, format) of a (wrapped) bitsandbytes linear's quantized weight, else None."""
     from .bnb_layer import SPPBnbLinear
 
     if isinstance(module, SPPBnbLinear):
-        return module.frozen_operand()
+        operand = module.frozen_operand()
+        return (*operand.shape, operand.kind)
     base = _frozen_of(module)
-    return BnbWeight.of_layer(base) if is_bnb_layer(base) else None
+    if not is_bnb_layer(base):
+        return None
+    BnbWeight.check_layer(base)
+    state = getattr(base.weight, "quant_state", None)
+    m, n = tuple(state.shape) if state is not None else tuple(base.weight.shape)
+    return m, n, state.quant_type if state is not None else "int8"
 
 
 def base_fingerprint(module: nn.Module) -> str | None:
@@ -148,21 +152,13 @@ def base_fingerprint(module: nn.Module) -> str | None:
     meta device: 16 hex digits of the sha256 of the packed zero mask, then of FINGERPRINT_ROWS
     evenly spaced rows rounded to bfloat16 (the same digest whether the base was loaded in
     float32, bfloat16 or float16 from one checkpoint; a merge changes it). A bitsandbytes
-    base adds ':<format>' ('nf4', 'fp4', 'int8') and is read from its dequantized rows,
-    chunk by chunk."""
+    base gives 'm x n:-:-:<format>' ('nf4', 'fp4', 'int8'): its shape only is compared
+    (`check_fingerprint`), so nothing is dequantized for it."""
     digest = lambda b: hashlib.sha256(b).hexdigest()[:16]  # noqa: E731
-    quantized = _bnb_operand(module)
+    quantized = _bnb_format(module)
     if quantized is not None:
-        m, n = quantized.shape
-        chunks = row_chunks(m, n, 1, quantized.dtype.itemsize, CHUNK_BYTES)
-        bits = b"".join(
-            pack_keep_mask(quantized.rows(row0, rows) != 0).cpu().numpy().tobytes()
-            for row0, rows in chunks
-        )
-        rows = torch.linspace(0, m - 1, min(m, FINGERPRINT_ROWS)).round().long().unique()
-        sample = torch.cat([quantized.rows(int(r), 1) for r in rows])
-        sample = sample.to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes()
-        return f"{m}x{n}:{digest(bits)}:{digest(sample)}:{quantized.kind}"
+        m, n, kind = quantized
+        return f"{m}x{n}:-:-:{kind}"
     w = _frozen_weight(module).detach()
     if w.device.type == "meta":
         return None
@@ -177,13 +173,14 @@ def check_fingerprint(saved: dict[str, str], targets: dict[str, nn.Module]) -> N
     """ValueError naming the first wrapped layer (in module order) whose frozen weight
     differs from `saved`: shapes first, then missing layers, zero patterns, then values (a
     fingerprint from spp-kernels 0.2 has no values part: only its zero mask is compared).
-    Between a quantized base and another format of it (an adapter trained on NF4, loaded on
-    the bfloat16 model, QLoRA's usual path) only shapes are compared: quantization moves
-    every value and may round a few small weights to zero."""
+    Where either side is a quantized base (an adapter trained on NF4, loaded on the
+    bfloat16 model, QLoRA's usual path, or on an NF4 base loaded in another dtype) only
+    shapes are compared: quantization moves every value, its codes depend on the dtype it
+    was quantized from, and it may round a few small weights to zero."""
     now = {name: base_fingerprint(module) for name, module in targets.items()}
     part = lambda fp, i: (fp.split(":") + [None, None, None])[i]  # noqa: E731
     same_format = {
-        n for n in targets if n in saved and now[n] and part(now[n], 3) == part(saved[n], 3)
+        n for n in targets if n in saved and now[n] and part(now[n], 3) is part(saved[n], 3) is None
     }
     for name in targets:
         if name in saved and now[name] is not None and part(now[name], 0) != part(saved[name], 0):
@@ -246,7 +243,7 @@ class SPPTuner(BaseTuner):
                 raise ValueError(f"SPP: r={config.r} exceeds out_features={out_features} of {name}")
             if is_bnb_layer(module):
                 try:
-                    BnbWeight.of_layer(module)
+                    BnbWeight.check_layer(module)
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
                 if config.weight_format == "nm":
@@ -388,9 +385,13 @@ class SPPTuner(BaseTuner):
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:  # fmt: skip
         self.check_mergeable(adapter_names)
-        return super().merge_and_unload(
+        model = super().merge_and_unload(
             progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        from .bnb_layer import finish_dequantized
+
+        finish_dequantized(model)
+        return model
 
     def spp_layers(self) -> dict[str, SPPLinear]:
         """The SPP layers by full name in the wrapped model, in module order."""

@@ -144,7 +144,7 @@ def _train_parser(sub) -> None:
                          "double quantization; --quant-type fp4 for FP4)")  # fmt: skip
     low_bit.add_argument("--load-in-8bit", action="store_true",
                          help="frozen base in 8 bits with bitsandbytes (LLM.int8())")  # fmt: skip
-    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4",
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default=None,
                    help="4-bit data type with --load-in-4bit (default nf4)")  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in --out"

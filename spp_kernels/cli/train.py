@@ -114,6 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--fsdp needs several processes: launch with torchrun or accelerate")
     device = _process_device(args.device, world)
     bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
+    if args.quant_type is not None and bits != 4:
+        raise UserError("--quant-type chooses the 4-bit data type: it needs --load-in-4bit")
     if bits and (args.fsdp or deepspeed is not None):
         raise UserError(f"--load-in-{bits}bit trains on one process per GPU (DDP); it does not "
                         "combine with --fsdp or --deepspeed")  # fmt: skip
@@ -123,14 +125,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     with _owned_output(args, is_main) as out:
         _wait_for_rank_0(world)  # other ranks start once rank 0 holds --out
         dtype = torch.bfloat16 if args.bf16 else torch.float32
-        quantization = bnb_config(bits, dtype, args.quant_type)
+        quantization = bnb_config(bits, dtype, args.quant_type or "nf4")
         model, tokenizer = load_model(args.model, dtype=dtype, device=str(device),
                                       quantization=quantization)  # fmt: skip
         if quantization is not None:
             from peft import prepare_model_for_kbit_training
 
-            # peft's preparation (QLoRA's): norms and embeddings in float32, inputs that
-            # require grad; checkpointing is --gradient-checkpointing's choice, made by train()
+            # peft's preparation (QLoRA's): the parameters that are not quantized (norms,
+            # embeddings, lm_head) in float32; checkpointing (and with it inputs that require
+            # grad) is --gradient-checkpointing's choice, made by train()
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         args.max_len = window_length(model, args.max_len, DEFAULT_MAX_LEN, "--max-len")
         examples, data_digest = load_training_data(args, tokenizer)
@@ -279,7 +282,9 @@ def _deepspeed_config(path: str | None) -> str | None:
 
 def _zero_masks(model: Any) -> dict[str, tuple[Any, tuple[int, ...], str]]:
     """{name: (layer, shape, digest of its zero mask)} of the targeted layers, before SPP:
-    a 32-byte digest per layer instead of a mask (a 70B's masks would be 64 GB)."""
+    a 32-byte digest per layer instead of a mask (a 70B's masks would be 64 GB). For a
+    bitsandbytes layer the digest is of its packed codes: the check then says the frozen
+    codes are unchanged, which keeps the zeros they decode to."""
     return {n: (m, tuple(m.weight.shape), _zeros_digest(m.weight)) for n, m in
             target_linears(model).items()}  # fmt: skip
 
@@ -311,7 +316,9 @@ def _check_zeros_kept(masks: dict[str, tuple[Any, tuple[int, ...], str]]) -> Non
 
 def _quantization_name(args: argparse.Namespace) -> str | None:
     """The frozen base's bitsandbytes format in the result ('nf4', 'fp4', 'int8'), or None."""
-    return args.quant_type if args.load_in_4bit else "int8" if args.load_in_8bit else None
+    if args.load_in_4bit:
+        return args.quant_type or "nf4"
+    return "int8" if args.load_in_8bit else None
 
 
 def exit_status(result: Any) -> int:

@@ -26,7 +26,6 @@ import torch
 
 Tensor = torch.Tensor
 KINDS = ("nf4", "fp4", "int8")
-NESTED_BLOCK = 256  # bitsandbytes' block size for the double-quantized absmax
 
 
 @dataclass(frozen=True)
@@ -40,17 +39,14 @@ class BnbWeight:
     kind: str
     row_absmax: Tensor | None = None  # int8: the (m,) absmax per row (SCB)
 
-    @classmethod
-    def of_layer(cls, layer: torch.nn.Module, dtype: torch.dtype | None = None) -> BnbWeight:
-        """The operand of a bitsandbytes Linear4bit / Linear8bitLt whose weight is
-        quantized; ValueError naming the problem otherwise."""
+    @staticmethod
+    def check_layer(layer: torch.nn.Module) -> None:
+        """ValueError naming the problem unless `layer` is a bitsandbytes Linear4bit (NF4 /
+        FP4, quantized) or Linear8bitLt (int8 weights); changes nothing."""
         param = getattr(layer, "weight", None)
         name = type(layer).__name__
         state = getattr(param, "quant_state", None)
         if type(param).__name__ == "Params4bit":
-            if state is not None and getattr(state, "packing_format_for_cpu", False):
-                standard_layout(layer)
-                param, state = layer.weight, layer.weight.quant_state
             if state is None or not getattr(param, "bnb_quantized", False):
                 raise ValueError(
                     f"SPP: the {name} layer's 4-bit weight is not quantized yet (move the "
@@ -58,28 +54,38 @@ class BnbWeight:
                 )
             if state.quant_type not in ("nf4", "fp4"):
                 raise ValueError(f"SPP: unsupported 4-bit quant_type {state.quant_type!r}")
-            shape, kind = torch.Size(state.shape), state.quant_type
-            default = state.dtype
+            if len(state.shape) != 2:
+                raise ValueError(f"SPP: the {name} layer's weight has shape {tuple(state.shape)}")
         elif type(param).__name__ == "Int8Params":
-            # bitsandbytes moves SCB from the weight to the layer's state at the first forward
-            scb = getattr(param, "SCB", None)
-            scb = scb if scb is not None else getattr(getattr(layer, "state", None), "SCB", None)
-            if param.dtype != torch.int8 or scb is None:
+            if param.dtype != torch.int8 or _row_absmax(layer) is None:
                 raise ValueError(
                     f"SPP: the {name} layer keeps float weights (has_fp16_weights=True) or is "
                     "not quantized yet; SPP trains on a frozen int8 base only"
                 )
-            shape, kind = torch.Size(param.shape), "int8"
-            default = layer.bias.dtype if getattr(layer, "bias", None) is not None else None
-            return cls(param, shape, dtype or default or torch.float32, kind, scb)
         else:
             raise ValueError(
                 f"SPP: unsupported bitsandbytes layer {name} (weight {type(param).__name__}); "
                 "SPP takes Linear4bit (NF4/FP4) and Linear8bitLt"
             )
-        if len(shape) != 2:
-            raise ValueError(f"SPP: the {name} layer's weight has shape {tuple(shape)}, not (m, n)")
-        return cls(param, shape, dtype or default or torch.float32, kind)
+
+    @classmethod
+    def of_layer(cls, layer: torch.nn.Module, dtype: torch.dtype | None = None) -> BnbWeight:
+        """The operand of a bitsandbytes Linear4bit / Linear8bitLt (see `check_layer`),
+        decoding to `dtype` (default: the 4-bit weight's dtype before quantization, an int8
+        layer's bias dtype, else float32). A 4-bit weight that bitsandbytes repacked for
+        CPU inference is put back in its standard layout first (`standard_layout`)."""
+        cls.check_layer(layer)
+        param = layer.weight
+        if type(param).__name__ == "Int8Params":
+            bias = getattr(layer, "bias", None)
+            default = bias.dtype if bias is not None else None
+            return cls(param, torch.Size(param.shape), dtype or default or torch.float32,
+                       "int8", _row_absmax(layer))  # fmt: skip
+        if getattr(param.quant_state, "packing_format_for_cpu", False):
+            standard_layout(layer)
+            param = layer.weight
+        state = param.quant_state
+        return cls(param, torch.Size(state.shape), dtype or state.dtype, state.quant_type)
 
     @property
     def device(self) -> torch.device:
@@ -127,7 +133,8 @@ class BnbWeight:
         e0 = (row0 * n) // block * block
         e1 = min(math.ceil((row0 + rows) * n / block) * block, total)
         b0, b1 = e0 // block, math.ceil(e1 / block)
-        codes = self.param.data.view(-1)[e0 // 2 : (e1 + 1) // 2]
+        # bytes, whatever the storage dtype (bnb_4bit_quant_storage may pack codes in bf16)
+        codes = self.param.data.reshape(-1).view(torch.uint8)[e0 // 2 : (e1 + 1) // 2]
         absmax = self._absmax(state, b0, b1)
         part = bnbf.QuantState(absmax=absmax, shape=torch.Size([e1 - e0]), code=state.code,
                                blocksize=block, quant_type=state.quant_type, dtype=self.dtype)  # fmt: skip
@@ -143,15 +150,23 @@ class BnbWeight:
             return state.absmax[b0:b1].float()
         import bitsandbytes.functional as bnbf
 
-        c0, c1 = b0 // NESTED_BLOCK, math.ceil(b1 / NESTED_BLOCK)
-        top = min(c1 * NESTED_BLOCK, state.absmax.numel())
         inner = state.state2
+        size = inner.blocksize
+        c0, c1 = b0 // size, math.ceil(b1 / size)
+        top = min(c1 * size, state.absmax.numel())
         values = bnbf.dequantize_blockwise(
-            state.absmax[c0 * NESTED_BLOCK : top], absmax=inner.absmax[c0:c1], code=inner.code,
-            blocksize=NESTED_BLOCK,
+            state.absmax[c0 * size : top], absmax=inner.absmax[c0:c1], code=inner.code,
+            blocksize=size,
         )  # fmt: skip
-        values = values[b0 - c0 * NESTED_BLOCK : b1 - c0 * NESTED_BLOCK].float()
+        values = values[b0 - c0 * size : b1 - c0 * size].float()
         return values + state.offset
+
+
+def _row_absmax(layer: torch.nn.Module) -> Tensor | None:
+    """An int8 layer's (m,) row absmax: on its weight, or (bitsandbytes moves it there at
+    the first forward) on the layer's state."""
+    scb = getattr(layer.weight, "SCB", None)
+    return scb if scb is not None else getattr(getattr(layer, "state", None), "SCB", None)
 
 
 def standard_layout(layer: torch.nn.Module) -> None:

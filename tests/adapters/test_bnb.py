@@ -177,3 +177,92 @@ def test_merged_model_of_a_prepared_bfloat16_base_runs():
         out = merged(x)
     assert out.dtype == torch.float32
     assert_close(out, y.double(), tol=3e-2, name="merged bf16 layer")
+
+
+def nf4_layer(m: int = 32, n: int = 64, dtype=torch.bfloat16, bias=True, **kw) -> nn.Module:
+    layer = bnb.nn.Linear4bit(n, m, bias=bias, compute_dtype=dtype, quant_type="nf4", **kw)
+    layer.weight = bnb.nn.Params4bit(torch.randn(m, n, dtype=dtype), requires_grad=False,
+                                     quant_type="nf4", **kw)  # fmt: skip
+    if bias:
+        layer.bias = nn.Parameter(torch.randn(m), requires_grad=False)  # float32, as prepared
+    return layer.to("cpu")
+
+
+def test_a_float32_bias_merges_before_any_forward():
+    """peft's kbit preparation leaves a bf16 NF4 layer's bias in float32: the merged layer
+    holds it in the weight's dtype."""
+    spp = SPPBnbLinear(nf4_layer(), "default", SPPConfig(r=2, init="both_random"))
+    merged = spp.unload_and_optionally_merge_module()
+    assert merged.bias.dtype == merged.weight.dtype == torch.bfloat16
+    assert merged(torch.randn(3, 64)).dtype == torch.float32
+
+
+def test_adapters_stay_float32_on_a_bfloat16_compute_base():
+    spp = SPPBnbLinear(nf4_layer(), "default", SPPConfig(r=2))
+    spp._move_adapter_to_device_of_base_layer("default")
+    assert spp.spp_alpha["default"].dtype == spp.spp_beta["default"].dtype == torch.float32
+
+
+def test_codes_stored_in_bfloat16_decode_like_uint8():
+    """bnb_4bit_quant_storage=torch.bfloat16 (FSDP-QLoRA's setting) packs four codes per
+    element: rows read bytes."""
+    layer = nf4_layer(m=64, n=128, dtype=torch.float32, bias=False, quant_storage=torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16
+    full = bnb.functional.dequantize_4bit(layer.weight.data.view(torch.uint8),
+                                          layer.weight.quant_state)  # fmt: skip
+    operand = BnbWeight.of_layer(layer)
+    for row0, rows in ((0, 64), (0, 1), (10, 5), (63, 1)):
+        assert torch.equal(operand.rows(row0, rows), full[row0 : row0 + rows])
+
+
+def test_peft_adapter_operations_on_a_quantized_base(pruned_dir, tmp_path):
+    """Two adapters, merged together; disable_adapter; delete_adapter; unload; and
+    merge_and_unload giving a model that saves and reloads unquantized."""
+    model = get_peft_model(load(pruned_dir, "nf4-dq"), SPPConfig(r=4, init="both_random"))
+    model.add_adapter("other", SPPConfig(r=2, init="both_random"))
+    ids = torch.randint(0, 100, (1, 10))
+    model.eval()
+    layer = next(iter(spp_layers(model).values()))
+    with torch.no_grad():
+        base = model.get_base_model()
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+        one = model(input_ids=ids).logits
+        layer.set_adapter(["default", "other"])
+        for spp in spp_layers(model).values():
+            spp.set_adapter(["default", "other"])
+        both = model(input_ids=ids).logits
+        assert not torch.equal(one, plain) and not torch.equal(both, one)
+        model.base_model.merge_adapter(["default", "other"])
+        assert "_unmerged" not in "".join(layer.state_dict())  # the kept-aside layer is hidden
+        assert_close(model(input_ids=ids).logits, both.double(), tol=1e-4, name="merged two")
+        model.base_model.unmerge_adapter()
+        assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
+        assert torch.equal(model(input_ids=ids).logits, both)
+    model.delete_adapter("other")
+    assert "other" not in layer.spp_alpha
+    merged = model.merge_and_unload()
+    assert merged is base and not getattr(merged, "is_loaded_in_4bit", False)
+    assert not hasattr(merged.config, "quantization_config")
+    merged.save_pretrained(tmp_path / "merged")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in again.modules())
+
+
+def test_unload_gives_back_the_quantized_layers(pruned_dir):
+    model = get_peft_model(load(pruned_dir, "int8"), SPPConfig(r=4))
+    plain = model.unload()
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in plain.modules())
+    assert not any(isinstance(m, SPPBnbLinear) for m in plain.modules())
+
+
+def test_an_adapter_from_an_fp32_loaded_nf4_base_opens_on_a_bf16_loaded_one(pruned_dir, tmp_path):
+    """NF4 codes depend on the dtype the weights were quantized from: quantized bases are
+    compared by shape, so the adapter is not refused."""
+    model = get_peft_model(load(pruned_dir, "nf4-dq"), SPPConfig(r=4, init="both_random"))
+    model.save_pretrained(tmp_path / "adapter")
+    config = BitsAndBytesConfig(**{**FORMATS["nf4-dq"], "bnb_4bit_compute_dtype": torch.bfloat16})
+    bf16 = AutoModelForCausalLM.from_pretrained(pruned_dir, quantization_config=config,
+                                                device_map="cpu", dtype=torch.bfloat16)  # fmt: skip
+    loaded = PeftModel.from_pretrained(bf16, tmp_path / "adapter")
+    assert len(spp_layers(loaded)) == 14

@@ -199,4 +199,6 @@ def test_low_bit_base_with_deepspeed_is_refused_before_out_changes(models, tmp_p
     config = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero2.json"
     argv = train_argv(models, out, "--load-in-4bit", "--deepspeed", config)
     assert_user_error(capsys, "does not combine with --fsdp or --deepspeed", *argv)
+    assert_user_error(capsys, "needs --load-in-4bit", *train_argv(models, out, "--load-in-8bit",
+                      "--quant-type", "fp4"))  # fmt: skip
     assert not out.exists()
