@@ -18,8 +18,11 @@ benchmarks.recovery with the choices a reviewer asks for (issue 23):
 4. The final training loss of each run (before LoRA*'s re-masking: the paper's argument).
 
 Settings: Wanda 50 %, 75 % unstructured, 2:4, 2:8; SparseGPT 2:4; and Wanda + DSnoT at
-50 % and 2:4 as pruning-only rows. Writes benchmarks/results/protocol-<device>-<date>.
-{json,md}. --quick: a tiny random model, two rates per grid, two seeds (a smoke test).
+50 % and 2:4 as pruning-only rows; SPP ablations (ABLATIONS: init, r) at Wanda 2:4.
+Writes benchmarks/results/recovery-protocol-<device>-<date>.{json,md,png}. Every row is
+a `Unit` computed on its own: --jobs N runs them in N processes side by side, --unit KEY
+(with --rates-from a result file) reruns one. --quick: a tiny random model, two rates per
+grid, two seeds (a smoke test).
 """
 
 from __future__ import annotations
