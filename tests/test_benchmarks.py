@@ -335,7 +335,8 @@ def test_profile_small_step_lists_operators_of_both_providers():
     assert all(ms >= 0 and calls > 0 for ms, calls in times["spp"].values())
 
 
-def test_recovery_protocol_quick_runs_grids_seeds_and_paired_differences(tmp_path, keep_threads):
+def test_recovery_protocol_quick_runs_grids_seeds_and_paired_differences(tmp_path, keep_threads,
+                                                                         capsys):  # fmt: skip
     from benchmarks import recovery_protocol
 
     assert recovery_protocol.main(["--quick", "--out", str(tmp_path)]) == 0
@@ -357,6 +358,17 @@ def test_recovery_protocol_quick_runs_grids_seeds_and_paired_differences(tmp_pat
     assert spp["spp_minus_lora_mean"] == pytest.approx(sum(diffs) / 2)
     assert any(r["kind"] == "pruned" and "DSnoT" in r["setting"] for r in data["rows"])
     assert all(r["zeros_kept"] for r in data["rows"] if r["kind"] == "run")
+    ablations = [r for r in data["rows"] if r["kind"] == "ablation"]
+    assert {r["variant"] for r in ablations} == {"init=both_random", "r=4"}
+    assert {r["r"] for r in ablations if r["variant"] == "r=4"} == {4}
+    # any row reruns alone, in another process layout, to the same numbers
+    row = next(r for r in data["rows"] if r["kind"] == "run" and r["method"] == "lora*")
+    capsys.readouterr()
+    assert (
+        recovery_protocol.main(["--quick", "--unit", row["unit"], "--rates-from", str(result)]) == 0
+    )
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["ppl"] == row["ppl"] and again["loss_last"] == row["loss_last"]
 
 
 def test_lowbit_quality_quick_trains_every_bitsandbytes_format_and_keeps_zeros(
