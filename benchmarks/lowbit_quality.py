@@ -96,7 +96,7 @@ def qlora_run(path: Path, data, s, lr: float, seed: int) -> dict[str, Any]:
     """LoRA r = 8 on the NF4 base, merged into the dequantized weights, mask re-applied."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from spp_kernels.adapters.bnb_layer import DequantizedLinear
+    from spp_kernels.adapters.bnb_layer import DequantizedLinear, finish_dequantized
 
     model = prepare_model_for_kbit_training(load(path, "NF4"), use_gradient_checkpointing=False)
     torch.manual_seed(seed)
@@ -114,7 +114,9 @@ def qlora_run(path: Path, data, s, lr: float, seed: int) -> dict[str, Any]:
             plain = DequantizedLinear.holding(merged.to(torch.bfloat16), None, False)
             parent, _, child = name.rpartition(".")
             setattr(lora.get_submodule(parent), child, plain)
-    model = lora.get_base_model().to(torch.bfloat16).eval()
+    model = lora.get_base_model()
+    finish_dequantized(model)  # no bitsandbytes layer left: the model is plain again
+    model = model.to(torch.bfloat16).eval()
     return {"ppl": ppl(model, data, s), **info}
 
 
