@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 Tensor = torch.Tensor
-KINDS = ("nf4", "fp4", "int8")
 
 
 @dataclass(frozen=True)
