@@ -18,6 +18,7 @@ metadata to each row when it writes the results.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -472,6 +473,42 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def commit_state() -> str | None:
+    """What a long run's result file names as its source: the short commit of this
+    checkout, with '-dirty' when tracked files differ from it; None outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=here, timeout=10)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, cwd=here).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (done.stdout.strip() + ("-dirty" if dirty else "")) if done.returncode == 0 else None
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command a run was started with: `python -m module` and its arguments."""
+    import sys
+
+    return " ".join([f"python -m {module}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def model_benchmark_parser(module: str, doc: str | None, out: Path, *, threads: int = 1,
+                           threads_help: str | None = None) -> argparse.ArgumentParser:  # fmt: skip
+    """The options every embedded-model benchmark (recovery, its protocol, low-bit quality)
+    shares: --quick (a tiny random model), --threads and --out."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="tiny random model (smoke test)")
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=threads_help or f"CPU threads (default {threads})")  # fmt: skip
+    parser.add_argument("--out", default=str(out), help="results directory")
+    return parser
 
 
 def slug(text: str) -> str:

@@ -22,7 +22,6 @@ model (a smoke test).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -35,7 +34,15 @@ import torch
 from torch import nn
 
 from benchmarks import recovery as rec
-from benchmarks.common import ResultLog, metadata, result_stem, versions_line
+from benchmarks.common import (
+    ResultLog,
+    command_line,
+    commit_state,
+    metadata,
+    model_benchmark_parser,
+    result_stem,
+    versions_line,
+)
 
 FORMATS = ("bf16", "int8", "NF4")
 DEFAULT_SPP_LR, DEFAULT_LORA_LR = 3e-2, 3e-3  # benchmarks.recovery_protocol's chosen rates
@@ -150,15 +157,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.lowbit_quality",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="tiny random model (smoke test)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser = model_benchmark_parser("benchmarks.lowbit_quality", __doc__, rec.RESULTS)
     parser.add_argument("--spp-lr", type=float, default=DEFAULT_SPP_LR)
     parser.add_argument("--lora-lr", type=float, default=DEFAULT_LORA_LR)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(rec.RESULTS), help="results directory")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -182,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         model_name, data_name = "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", SOURCE
     meta = {**metadata("cpu", args.quick), "model": model_name, "data": data_name, "sizes": s,
             "spp_lr": args.spp_lr, "lora_lr": args.lora_lr, "seed": args.seed,
-            "commit": _commit(), "command": " ".join(["python -m benchmarks.lowbit_quality",
-                                                     *(argv if argv is not None else sys.argv[1:])])}  # fmt: skip
+            "commit": commit_state(), "command": command_line("benchmarks.lowbit_quality", argv)}  # fmt: skip
     out = Path(args.out)
     stem = f"lowbit-quality-{result_stem(meta)}"
     log = ResultLog(out / f"{stem}.json", meta)
@@ -206,12 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{stem}.md").write_text(markdown(log.rows, meta))
     print(markdown(log.rows, meta))
     return 0
-
-
-def _commit() -> str | None:
-    from benchmarks.recovery_protocol import _commit as commit
-
-    return commit()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ random model and tokenizer (a smoke test of the script, numbers meaningless).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
@@ -41,6 +40,7 @@ from benchmarks.common import (
     ResultLog,
     measure_peak_memory,
     metadata,
+    model_benchmark_parser,
     result_stem,
     versions_line,
 )
@@ -300,11 +300,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.recovery", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="tiny random model (smoke test)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    parser.add_argument("--out", default=str(RESULTS), help="results directory")
+    parser = model_benchmark_parser("benchmarks.recovery", __doc__, RESULTS, threads=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")

@@ -43,7 +43,16 @@ from typing import Any
 import torch
 
 from benchmarks import recovery as rec
-from benchmarks.common import ResultLog, metadata, result_stem, versions_line, write_json_atomic
+from benchmarks.common import (
+    ResultLog,
+    command_line,
+    commit_state,
+    metadata,
+    model_benchmark_parser,
+    result_stem,
+    versions_line,
+    write_json_atomic,
+)
 
 # (label, method, sparsity, refine, trained)
 SETTINGS = [
@@ -534,11 +543,8 @@ def run_worker(args: argparse.Namespace, s: dict[str, Any]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.recovery_protocol",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="tiny random model (smoke test)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    parser = model_benchmark_parser("benchmarks.recovery_protocol", __doc__, rec.RESULTS,
+                                    threads_help="CPU threads per process")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="processes side by side")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per (setting, method)")
     parser.add_argument("--no-ablations", action="store_true", help="skip the SPP ablations")
@@ -554,7 +560,6 @@ def main(argv: list[str] | None = None) -> int:
         metavar="JSON",
         help="with --unit: take the chosen rates from this result file",
     )
-    parser.add_argument("--out", default=str(rec.RESULTS), help="results directory")
     parser.add_argument(
         "--report", metavar="JSON", help="only write the .md and .png of this result file again"
     )
@@ -576,8 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     model_name, data_name, labels = _names(args.quick)
     meta = {**metadata("cpu", args.quick), "model": model_name, "data": data_name, "sizes": s,
             "grid": GRID, "spp_r": rec.SPP_R, "ablations": ABLATIONS, "jobs": args.jobs,
-            "commit": _commit(), "command": " ".join(["python -m benchmarks.recovery_protocol",
-                                                     *(argv if argv is not None else sys.argv[1:])])}  # fmt: skip
+            "commit": commit_state(),
+            "command": command_line("benchmarks.recovery_protocol", argv)}  # fmt: skip
     out = Path(args.out)
     stem = f"recovery-protocol-{result_stem(meta)}"
     log = ResultLog(out / f"{stem}.json", meta)
@@ -602,18 +607,6 @@ def _names(quick: bool) -> tuple[str, str, list[str]]:
     from spp_kernels.datasets import SOURCE
 
     return "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", SOURCE, [x[0] for x in SETTINGS]
-
-
-def _commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).resolve().parent, timeout=10)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10,
-                               cwd=Path(__file__).resolve().parent).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (done.stdout.strip() + ("-dirty" if dirty else "")) if done.returncode == 0 else None
 
 
 def report(path: Path) -> int:
