@@ -87,21 +87,22 @@ def variants(dtypes=DTYPES, only=KERNELS, arch: str = "sm_90a") -> list[Variant]
     table = arch_of(_capability(arch))
 
     out = []
-    weights = ("dense", "2:4")
     for dtype in dtypes:
-        for weight in weights:
-            nm = {"N_KEEP": 2, "NM_GROUP": 4} if weight == "2:4" else {"N_KEEP": 0, "NM_GROUP": 0}
+        for weight in WEIGHTS:
+            nm = weight_constexprs(weight)
             for dropout in (False, True):
                 base = dict(DROPOUT=dropout, UPCAST=False, PRECISION="tf32", **nm)
+                low_bit = weight in _LOW_BIT
                 if "forward" in only:
-                    for c in F.FORWARD_CONFIGS[table]:
+                    tables = F.FORWARD_LOW_BIT_CONFIGS if low_bit else F.FORWARD_CONFIGS
+                    for c in tables[table]:
                         groups = alpha_groups(c.kwargs["BLOCK_M"], REF_R, REF_M)
                         extra = dict(base, HAS_BIAS=True, NUM_GROUPS=groups)
                         out.append(Variant("forward", "spp_forward", "_spp_forward_kernel", dtype,
                                            weight, dropout, dict(c.kwargs), c.num_warps,
                                            c.num_stages, extra))  # fmt: skip
                 if "dx" in only:
-                    for c in B.DX_CONFIGS[table]:
+                    for c in (B.DX_LOW_BIT_CONFIGS if low_bit else B.DX_CONFIGS)[table]:
                         groups = alpha_groups(c.kwargs["BLOCK_K"], REF_R, REF_M)
                         extra = dict(base, NUM_GROUPS=groups)
                         out.append(Variant("dx", "spp_backward", "_spp_dx_kernel", dtype, weight,
@@ -144,6 +145,22 @@ def variants(dtypes=DTYPES, only=KERNELS, arch: str = "sm_90a") -> list[Variant]
     return out
 
 
+# Frozen-weight kinds of the report: dense, 2:4 packed float values, 2:4 packed low-bit
+# codes (spp_kernels.sparsity.lowbit; int4 at its default group of 128 kept values).
+WEIGHTS = ("dense", "2:4", "2:4 int8", "2:4 fp8", "2:4 int4")
+_LOW_BIT = {"2:4 int8": (1, 1), "2:4 fp8": (2, 1), "2:4 int4": (3, 128)}
+_CODE_TYPES = {"2:4 int8": ("*i8", "*fp32"), "2:4 fp8": ("*u8", "*fp32"),
+               "2:4 int4": ("*u8", "*bf16")}  # fmt: skip
+
+
+def weight_constexprs(weight: str) -> dict[str, int]:
+    """N_KEEP, NM_GROUP, VALUES and SCALE_GROUP of a report weight kind."""
+    if weight == "dense":
+        return {"N_KEEP": 0, "NM_GROUP": 0, "VALUES": 0, "SCALE_GROUP": 1}
+    values, group = _LOW_BIT.get(weight, (0, 1))
+    return {"N_KEEP": 2, "NM_GROUP": 4, "VALUES": values, "SCALE_GROUP": group}
+
+
 # Pointer element types by argument name; activations take the variant's dtype.
 _DATA = {"x_ptr", "w_ptr", "y_ptr", "dy_ptr", "dx_ptr", "a_ptr", "out_ptr"}
 _FLOATS = {"scale", "keep_scale", "grad_scale", "p"}
@@ -162,6 +179,10 @@ def _signature(kernel, v: Variant) -> tuple[dict, dict, dict]:
             continue
         if name == "meta_ptr":
             sig[name] = "*i32"
+        elif name in ("w_ptr", "scale_ptr") and v.weight in _CODE_TYPES:
+            sig[name] = _CODE_TYPES[v.weight][name == "scale_ptr"]
+        elif name == "scale_ptr":
+            sig[name] = f"*{v.dtype}"  # the weight itself, never read
         elif name in ("keep_ptr", "bits_ptr"):
             sig[name] = "*u8"
         elif name.endswith("_ptr"):
@@ -172,7 +193,8 @@ def _signature(kernel, v: Variant) -> tuple[dict, dict, dict]:
             sig[name] = "i64"
         else:
             sig[name] = "i32"
-        if sig[name] != "fp32" and name not in ("seed", "r", "slots", "row0", "rows", "p"):
+        free = ("seed", "r", "slots", "row0", "rows", "p", "stride_scale")
+        if sig[name] != "fp32" and name not in free:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, consts, attrs
 

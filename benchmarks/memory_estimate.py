@@ -134,8 +134,9 @@ def table(tokens: int, gpus: int, r: int) -> str:
 FORMATS = ("dense bf16", "bnb int8", "bnb NF4", "2:4 bf16", "2:4 int8", "2:4 fp8", "2:4 int4")
 
 
-def format_nbytes(fmt: str, m: int, n: int) -> float:
-    """Bytes of a frozen (m, n) weight stored as `fmt` (one of FORMATS)."""
+def format_nbytes(fmt: str, m: int, n: int, group_size: int = 128) -> float:
+    """Bytes of a frozen (m, n) weight stored as `fmt` (one of FORMATS); `group_size`: the
+    kept values per int4 scale (spp_kernels.sparsity.lowbit)."""
     kept = m * n // 2
     meta = nm_packed_nbytes(m, n, 2, 4, torch.bfloat16) - kept * 2
     table = {
@@ -145,7 +146,7 @@ def format_nbytes(fmt: str, m: int, n: int) -> float:
         "2:4 bf16": kept * 2 + meta,
         "2:4 int8": kept + meta + 4 * m,
         "2:4 fp8": kept + meta + 4 * m,
-        "2:4 int4": kept / 2 + meta + 2 * kept / 128,
+        "2:4 int4": kept / 2 + meta + 2 * kept / group_size,
     }
     return table[fmt]
 

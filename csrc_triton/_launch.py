@@ -34,8 +34,10 @@ class Launch:
     w, stride_wm, stride_wn: the frozen weight's tensor (W itself, or the packed values) and
     its strides. meta, stride_meta, n_keep, group: its N:M metadata argument, row stride and
     constexpr pattern (meta is `w` itself, never read, and n_keep = group = 0 when W is
-    dense). keep, stride_keep: the dropout bits argument (`w`, never read, when there is
-    no dropout). upcast, precision: `dot_flags`.
+    dense). scales, stride_scale, values_kind, scale_group: low-bit codes' scales and the
+    VALUES / SCALE_GROUP constexprs of nm_tiles (`w`, 0, 0, 1 for float values). dtype: the
+    compute dtype W's tiles are decoded to. keep, stride_keep: the dropout bits argument
+    (`w`, never read, when there is no dropout). upcast, precision: `dot_flags`.
     """
 
     m: int
@@ -49,6 +51,11 @@ class Launch:
     stride_meta: int
     n_keep: int
     group: int
+    scales: torch.Tensor
+    stride_scale: int
+    values_kind: int
+    scale_group: int
+    dtype: torch.dtype
     keep: torch.Tensor
     stride_keep: int
     upcast: bool
@@ -62,6 +69,63 @@ def weight_parts(weight: Any) -> tuple[torch.Tensor, torch.Tensor | None, int, i
     if isinstance(weight, torch.Tensor):
         return weight, None, 0, 0, weight.shape[-1] if weight.dim() else 0
     return weight.values, weight.meta, weight.n_keep, weight.group, weight.in_features
+
+
+# nm_tiles' VALUES constexpr of each low-bit value format (spp_kernels.sparsity.lowbit)
+VALUE_KINDS = {"int8": 1, "fp8": 2, "int4": 3}
+
+
+@dataclass(frozen=True)
+class LowBit:
+    """The low-bit part of a quantized packed operand: codes' scales, VALUES, SCALE_GROUP
+    and the compute dtype."""
+
+    scales: torch.Tensor
+    kind: int
+    scale_group: int
+    dtype: torch.dtype
+
+
+def low_bit_parts(weight: Any) -> LowBit | None:
+    """The LowBit of an operand with `value_format` (spp_kernels.sparsity.lowbit's
+    QuantizedPackedWeight, duck-typed: this package cannot import it), else None."""
+    value_format = getattr(weight, "value_format", None)
+    if value_format is None:
+        return None
+    if value_format not in VALUE_KINDS:
+        raise ValueError(f"csrc_triton: unsupported low-bit value format {value_format!r}")
+    group = weight.group_size if value_format == "int4" else 1
+    return LowBit(weight.scales, VALUE_KINDS[value_format], group, weight.dtype)
+
+
+def _check_low_bit(w: torch.Tensor, low: LowBit, n_keep: int, group: int, n: int) -> torch.Tensor:
+    """Codes and scales against their format; returns a stand-in with the shape (m, K) and
+    compute dtype of float values (K elements of storage) for the packed-layout check."""
+    m, kept = w.shape[0], n // group * n_keep if group else 0
+    if low.kind == 3:
+        code_dtype, code_cols, scale_shape = torch.uint8, kept // 2, (m, kept // low.scale_group)
+        scale_dtype = torch.bfloat16
+        if low.scale_group <= 0 or kept % low.scale_group or low.scale_group % max(n_keep, 1):
+            raise ValueError(
+                f"csrc_triton: int4 group {low.scale_group} must divide K={kept} and be a "
+                f"multiple of N={n_keep}"
+            )
+    else:
+        code_dtype = torch.int8 if low.kind == 1 else torch.uint8
+        code_cols, scale_shape, scale_dtype = kept, (m,), torch.float32
+    if w.dtype != code_dtype or w.dim() != 2 or w.shape[1] != code_cols:
+        raise ValueError(
+            f"csrc_triton: low-bit codes must be {code_dtype} (m, {code_cols}), got "
+            f"{w.dtype} {tuple(w.shape)}"
+        )
+    if low.scales.dtype != scale_dtype or tuple(low.scales.shape) != scale_shape:
+        raise ValueError(
+            f"csrc_triton: low-bit scales must be {scale_dtype} {scale_shape}, got "
+            f"{low.scales.dtype} {tuple(low.scales.shape)}"
+        )
+    if low.scales.device != w.device or w.stride(1) != 1 or low.scales.stride(-1) != 1:
+        raise ValueError("csrc_triton: codes and scales on W's device with unit column stride")
+    return torch.empty(kept, dtype=low.dtype, device=w.device).as_strided((m, kept), (0, 1))
 
 
 def prepare(
@@ -86,8 +150,10 @@ def prepare(
     float32; keep (tokens, ceil(n/8)) uint8 dropout bits, required when dropout_p > 0.
     """
     w, meta, n_keep, group, n = weight_parts(weight)
+    low = low_bit_parts(weight)
     if check:
-        dense_like = _dense_like(w, meta, n_keep, group, n)
+        values = w if low is None else _check_low_bit(w, low, n_keep, group, n)
+        dense_like = _dense_like(values, meta, n_keep, group, n)
         _check_operands(dense_like, alpha, beta, x=x, dy=dy, bias=bias)
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"csrc_triton: dropout_p must be in [0, 1), got {dropout_p}")
@@ -103,11 +169,17 @@ def prepare(
             if keep.device != w.device or keep.stride(1) != 1:
                 raise ValueError("csrc_triton: keep bits must be on W's device with unit stride")
         keep_arg, stride_keep = keep, keep.stride(0)
-    upcast, precision = dot_flags(w.dtype)
+    dtype = w.dtype if low is None else low.dtype
+    upcast, precision = dot_flags(dtype)
+    scales, stride_scale, kind, scale_group = (
+        (w, 0, 0, 1)
+        if low is None
+        else (low.scales, low.scales.stride(0), low.kind, low.scale_group)
+    )
     return Launch(
         m, n, alpha.shape[0], tokens, w, w.stride(0), w.stride(1),
         w if meta is None else meta, 0 if meta is None else meta.stride(0), n_keep, group,
-        keep_arg, stride_keep, upcast, precision,
+        scales, stride_scale, kind, scale_group, dtype, keep_arg, stride_keep, upcast, precision,
     )  # fmt: skip
 
 
@@ -268,14 +340,38 @@ def _launch_device(named_args: dict, kwargs: dict) -> torch.device | None:
     return None
 
 
-def arch_pruner(tables: dict[str, list[triton.Config]]) -> Callable:
+def config_label(config: triton.Config) -> str:
+    """'64x128x32 w8 s3': a config's BLOCK_* sizes (in order), warps and stages, as the
+    kernel report's labels print them."""
+    blocks = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
+    return f"{blocks} w{config.num_warps} s{config.num_stages}"
+
+
+def without(
+    tables: dict[str, list[triton.Config]], drop: dict[str, list[str]]
+) -> dict[str, list[triton.Config]]:
+    """Each architecture's table less the configs labelled (`config_label`) in `drop`: the
+    subset a variant uses where the others spill (the same objects, not copies)."""
+    for arch, labels in drop.items():
+        unknown = set(labels) - {config_label(c) for c in tables[arch]}
+        if unknown:
+            raise ValueError(f"csrc_triton: no {arch} config {sorted(unknown)} to drop")
+    return {a: [c for c in t if config_label(c) not in drop.get(a, ())] for a, t in tables.items()}
+
+
+def arch_pruner(
+    tables: dict[str, list[triton.Config]],
+    low_bit_tables: dict[str, list[triton.Config]] | None = None,
+) -> Callable:
     """triton.autotune's early_config_prune: keep the configs of the launch device's table
-    (the device of the first tensor argument; the current CUDA device if none)."""
+    (the device of the first tensor argument; the current CUDA device if none), its
+    low-bit subset when the weight holds low-bit codes (constexpr VALUES > 0)."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list:
         device = _launch_device(named_args, kwargs)
         arch = arch_of(torch.cuda.get_device_capability(device))
-        keep = tables[arch]
+        low_bit = low_bit_tables is not None and kwargs.get("VALUES", named_args.get("VALUES"))
+        keep = low_bit_tables[arch] if low_bit else tables[arch]
         return [c for c in configs if any(c is k for k in keep)]
 
     return prune
@@ -286,11 +382,12 @@ def autotune(
     interpreter_config: triton.Config,
     key: list[str],
     dot_blocks: tuple[str, ...],
+    low_bit_configs: dict[str, list[triton.Config]] | None = None,
 ) -> Callable:
     """triton.autotune over the launch device's table of `gpu_configs` ({arch: configs},
-    see ARCHS; only each table's first with SPP_TRITON_CONFIGS=first), or the single
-    `interpreter_config` under TRITON_INTERPRET=1 (the interpreter cannot benchmark:
-    do_bench needs a GPU).
+    see ARCHS; only each table's first with SPP_TRITON_CONFIGS=first), or its subset
+    `low_bit_configs` for low-bit weights (VALUES > 0), or the single `interpreter_config`
+    under TRITON_INTERPRET=1 (the interpreter cannot benchmark: do_bench needs a GPU).
 
     Every block size named in `dot_blocks` feeds a tl.dot and must be >= 16 on the GPU;
     the interpreter would accept less, so all configs are checked here, at import.
@@ -304,10 +401,15 @@ def autotune(
     if INTERPRET:
         return triton.autotune(configs=[interpreter_config], key=key)
     tables = {a: t[:1] if PIN_FIRST_CONFIG else list(t) for a, t in gpu_configs.items()}
-    configs = [c for t in tables.values() for c in t]
+    low_bit = None
+    if low_bit_configs is not None:
+        low_bit = {a: t[:1] if PIN_FIRST_CONFIG else list(t) for a, t in low_bit_configs.items()}
+    configs = [c for t in gpu_configs.values() for c in t]
+    configs = [c for i, c in enumerate(configs) if not any(c is d for d in configs[:i])]
     return triton.autotune(
-        configs=configs, key=key, prune_configs_by={"early_config_prune": arch_pruner(tables)}
-    )
+        configs=configs, key=key,
+        prune_configs_by={"early_config_prune": arch_pruner(tables, low_bit)},
+    )  # fmt: skip
 
 
 def chosen_configs() -> dict[str, str]:

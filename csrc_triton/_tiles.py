@@ -35,6 +35,7 @@ from .nm_tiles import nm_dense_tile
 def frozen_weight_tile(
     w_ptr,
     meta_ptr,
+    scale_ptr,
     rows,
     rows_ok,
     col0,
@@ -42,16 +43,23 @@ def frozen_weight_tile(
     stride_wm,
     stride_wn,
     stride_meta,
+    stride_scale,
     BLOCK_C: tl.constexpr,
     N_KEEP: tl.constexpr,
     NM_GROUP: tl.constexpr,
+    VALUES: tl.constexpr,
+    SCALE_GROUP: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
 ):
-    """W[rows, col0 : col0 + BLOCK_C] in W's dtype; 0 for invalid rows and columns >= n.
+    """W[rows, col0 : col0 + BLOCK_C] in the compute dtype OUT_DTYPE; 0 for invalid rows
+    and columns >= n.
 
-    NM_GROUP == 0: w_ptr is the dense W (m, n) and meta_ptr is not read. NM_GROUP in {4, 8}: w_ptr
-    is the packed values (m, n // NM_GROUP * N_KEEP, unit column stride; stride_wm its row stride)
-    and meta_ptr the int32 metadata (row stride stride_meta) of spp_kernels.sparsity.nm's
-    format; the tile is decoded bit-exactly in registers (nm_tiles.nm_dense_tile).
+    NM_GROUP == 0: w_ptr is the dense W (m, n) and meta_ptr, scale_ptr are not read. NM_GROUP
+    in {4, 8}: w_ptr is the packed values (m, n // NM_GROUP * N_KEEP, unit column stride;
+    stride_wm its row stride) and meta_ptr the int32 metadata (row stride stride_meta) of
+    spp_kernels.sparsity.nm's format; the tile is decoded bit-exactly in registers
+    (nm_tiles.nm_dense_tile). VALUES > 0: w_ptr holds low-bit codes and scale_ptr their
+    scales (nm_tiles' docstring), decoded in registers too.
     """
     if NM_GROUP == 0:
         cols = col0 + tl.arange(0, BLOCK_C)
@@ -62,8 +70,9 @@ def frozen_weight_tile(
             other=0.0,
         )
     else:
-        w = nm_dense_tile(w_ptr, meta_ptr, rows, rows_ok, col0, n, stride_wm, stride_meta,
-                          BLOCK_C, N_KEEP, NM_GROUP)  # fmt: skip
+        w = nm_dense_tile(w_ptr, meta_ptr, scale_ptr, rows, rows_ok, col0, n, stride_wm,
+                          stride_meta, stride_scale, BLOCK_C, N_KEEP, NM_GROUP, VALUES,
+                          SCALE_GROUP, OUT_DTYPE)  # fmt: skip
     return w
 
 

@@ -66,6 +66,7 @@ from ._launch import (
     check_out,
     prepare,
     tokens_bucket,
+    without,
 )
 from ._tiles import (
     adapter_tile,
@@ -106,6 +107,11 @@ DX_CONFIGS = {
         _dx_config(64, 64, 32, 4, 4),
     ],
 }
+# Low-bit weights (nm_tiles VALUES > 0) leave out the dX configs that spill with their
+# decode (8-836 B with dropout, 8 B without on sm_80; kernel-report-*.md).
+DX_LOW_BIT_CONFIGS = without(
+    DX_CONFIGS, {"sm_90a": ["128x128x64 w8 s3"], "sm_80": ["64x128x64 w8 s2", "64x64x32 w4 s4"]}
+)
 DX_INTERPRETER_CONFIG = _dx_config(16, 16, 16, 4, 1, group=2)
 
 
@@ -120,8 +126,9 @@ def _num_groups_k(args: dict) -> int:
 @autotune(
     DX_CONFIGS,
     DX_INTERPRETER_CONFIG,
-    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "N_KEEP", "NM_GROUP"],
+    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "N_KEEP", "NM_GROUP", "VALUES"],
     dot_blocks=("BLOCK_T", "BLOCK_N", "BLOCK_K"),
+    low_bit_configs=DX_LOW_BIT_CONFIGS,
 )
 @triton.heuristics({"NUM_GROUPS": _num_groups_k})
 @triton.jit
@@ -130,6 +137,7 @@ def _spp_dx_kernel(
     dy_ptr,
     w_ptr,
     meta_ptr,
+    scale_ptr,
     alpha_ptr,
     beta_ptr,
     keep_ptr,
@@ -145,6 +153,7 @@ def _spp_dx_kernel(
     stride_wm,
     stride_wn,
     stride_meta,
+    stride_scale,
     stride_ar,
     stride_an,
     stride_beta,
@@ -159,6 +168,8 @@ def _spp_dx_kernel(
     DROPOUT: tl.constexpr,
     N_KEEP: tl.constexpr,
     NM_GROUP: tl.constexpr,
+    VALUES: tl.constexpr,
+    SCALE_GROUP: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -196,8 +207,9 @@ def _spp_dx_kernel(
             other=0.0,
         )
         w = frozen_weight_tile(
-            w_ptr, meta_ptr, rows, m_ok, pid_n * BLOCK_N, n, stride_wm, stride_wn, stride_meta,
-            BLOCK_N, N_KEEP, NM_GROUP,
+            w_ptr, meta_ptr, scale_ptr, rows, m_ok, pid_n * BLOCK_N, n, stride_wm, stride_wn,
+            stride_meta, stride_scale, BLOCK_N, N_KEEP, NM_GROUP, VALUES, SCALE_GROUP,
+            dy_ptr.dtype.element_ty,
         )  # fmt: skip
         alpha_g = alpha_rows_tile(
             alpha_ptr, first, rem + lanes * r, m, m_ok, cols, n_ok, r, stride_ar, stride_an,
@@ -253,7 +265,7 @@ def dalpha_slots(m: int, r: int, block_m: int = DAB_BLOCK_M) -> int:
 @autotune(
     DAB_CONFIGS,
     DAB_INTERPRETER_CONFIG,
-    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "N_KEEP", "NM_GROUP"],
+    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "N_KEEP", "NM_GROUP", "VALUES"],
     dot_blocks=("BLOCK_K",),
 )
 @triton.heuristics({"NUM_GROUPS": _num_groups_rows})
@@ -264,6 +276,7 @@ def _spp_dalpha_dbeta_kernel(
     x_ptr,
     w_ptr,
     meta_ptr,
+    scale_ptr,
     alpha_ptr,
     beta_ptr,
     keep_ptr,
@@ -283,6 +296,7 @@ def _spp_dalpha_dbeta_kernel(
     stride_wm,
     stride_wn,
     stride_meta,
+    stride_scale,
     stride_ar,
     stride_an,
     stride_beta,
@@ -294,6 +308,8 @@ def _spp_dalpha_dbeta_kernel(
     DROPOUT: tl.constexpr,
     N_KEEP: tl.constexpr,
     NM_GROUP: tl.constexpr,
+    VALUES: tl.constexpr,
+    SCALE_GROUP: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -327,8 +343,9 @@ def _spp_dalpha_dbeta_kernel(
 
     # Epilogue: P = s/(1-p) * W * G, contracted with alpha[g(o)] (dbeta) and beta (dalpha).
     w = frozen_weight_tile(
-        w_ptr, meta_ptr, rows, m_ok, pid_n * BLOCK_N, n, stride_wm, stride_wn, stride_meta,
-        BLOCK_N, N_KEEP, NM_GROUP,
+        w_ptr, meta_ptr, scale_ptr, rows, m_ok, pid_n * BLOCK_N, n, stride_wm, stride_wn,
+        stride_meta, stride_scale, BLOCK_N, N_KEEP, NM_GROUP, VALUES, SCALE_GROUP,
+        x_ptr.dtype.element_ty,
     )  # fmt: skip
     first_group, offsets = group_offsets(pid_m * BLOCK_M, tl.arange(0, BLOCK_M), r, m)
     p = g * w.to(tl.float32) * grad_scale
@@ -417,6 +434,7 @@ def spp_linear_dx(
         dy_ptr=dy,
         w_ptr=launch.w,
         meta_ptr=launch.meta,
+        scale_ptr=launch.scales,
         alpha_ptr=alpha,
         beta_ptr=beta,
         keep_ptr=launch.keep,
@@ -430,6 +448,7 @@ def spp_linear_dx(
         stride_wm=launch.stride_wm,
         stride_wn=launch.stride_wn,
         stride_meta=launch.stride_meta,
+        stride_scale=launch.stride_scale,
         stride_ar=alpha.stride(0),
         stride_an=alpha.stride(1),
         stride_beta=beta.stride(0),
@@ -442,6 +461,8 @@ def spp_linear_dx(
         DROPOUT=dropout_p > 0.0,
         N_KEEP=launch.n_keep,
         NM_GROUP=launch.group,
+        VALUES=launch.values_kind,
+        SCALE_GROUP=launch.scale_group,
         UPCAST=launch.upcast,
         PRECISION=launch.precision,
     )
@@ -482,6 +503,7 @@ def spp_linear_dalpha_dbeta(
         x_ptr=x,
         w_ptr=launch.w,
         meta_ptr=launch.meta,
+        scale_ptr=launch.scales,
         alpha_ptr=alpha,
         beta_ptr=beta,
         keep_ptr=launch.keep,
@@ -499,6 +521,7 @@ def spp_linear_dalpha_dbeta(
         stride_wm=launch.stride_wm,
         stride_wn=launch.stride_wn,
         stride_meta=launch.stride_meta,
+        stride_scale=launch.stride_scale,
         stride_ar=alpha.stride(0),
         stride_an=alpha.stride(1),
         stride_beta=beta.stride(0),
@@ -508,6 +531,8 @@ def spp_linear_dalpha_dbeta(
         DROPOUT=dropout_p > 0.0,
         N_KEEP=launch.n_keep,
         NM_GROUP=launch.group,
+        VALUES=launch.values_kind,
+        SCALE_GROUP=launch.scale_group,
         UPCAST=launch.upcast,
         PRECISION=launch.precision,
         BLOCK_M=DAB_BLOCK_M,

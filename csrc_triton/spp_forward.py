@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, alpha_groups, autotune, check_out, prepare, tokens_bucket
+from ._launch import Launch, alpha_groups, autotune, check_out, prepare, tokens_bucket, without
 from ._tiles import (
     adapter_tile,
     alpha_rows_tile,
@@ -89,6 +89,12 @@ FORWARD_CONFIGS = {
     ]
     for arch in ("sm_90a", "sm_80")
 }
+# Low-bit weights (nm_tiles VALUES > 0: int8 / fp8 / int4 codes decoded beside the tile)
+# skip the 64-wide K tiles: they spill with int4 codes on both architectures (32-836 B,
+# benchmarks/results/kernel-report-*.md), the 32-wide one does not.
+FORWARD_LOW_BIT_CONFIGS = without(
+    FORWARD_CONFIGS, {a: ["64x64x64 w4 s4", "128x128x64 w8 s3"] for a in FORWARD_CONFIGS}
+)
 # Small tiles under the interpreter: tests then cross many tile and group boundaries.
 FORWARD_INTERPRETER_CONFIG = _config(16, 16, 16, 4, 1, group=2)
 
@@ -100,8 +106,9 @@ def _num_groups(args: dict) -> int:
 @autotune(
     FORWARD_CONFIGS,
     FORWARD_INTERPRETER_CONFIG,
-    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "N_KEEP", "NM_GROUP"],
+    key=["tokens_bucket", "m", "n", "r", "DROPOUT", "N_KEEP", "NM_GROUP", "VALUES"],
     dot_blocks=("BLOCK_T", "BLOCK_M", "BLOCK_K"),
+    low_bit_configs=FORWARD_LOW_BIT_CONFIGS,
 )
 @triton.heuristics({"NUM_GROUPS": _num_groups})
 @triton.jit
@@ -110,6 +117,7 @@ def _spp_forward_kernel(
     x_ptr,
     w_ptr,
     meta_ptr,
+    scale_ptr,
     alpha_ptr,
     beta_ptr,
     bias_ptr,
@@ -126,6 +134,7 @@ def _spp_forward_kernel(
     stride_wm,
     stride_wn,
     stride_meta,
+    stride_scale,
     stride_ar,
     stride_an,
     stride_beta,
@@ -142,6 +151,8 @@ def _spp_forward_kernel(
     DROPOUT: tl.constexpr,
     N_KEEP: tl.constexpr,
     NM_GROUP: tl.constexpr,
+    VALUES: tl.constexpr,
+    SCALE_GROUP: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -174,8 +185,9 @@ def _spp_forward_kernel(
         x_mask = t_ok[:, None] & k_ok[None, :]
         x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xn, mask=x_mask, other=0.0)
         w = frozen_weight_tile(
-            w_ptr, meta_ptr, offs_m, m_ok, k0, n, stride_wm, stride_wn, stride_meta,
-            BLOCK_K, N_KEEP, NM_GROUP,
+            w_ptr, meta_ptr, scale_ptr, offs_m, m_ok, k0, n, stride_wm, stride_wn,
+            stride_meta, stride_scale, BLOCK_K, N_KEEP, NM_GROUP, VALUES, SCALE_GROUP,
+            x_ptr.dtype.element_ty,
         )  # fmt: skip
         alpha_g = alpha_rows_tile(
             alpha_ptr, first_group, offsets, m, m_ok, cols, k_ok, r, stride_ar, stride_an,
@@ -238,6 +250,7 @@ def spp_linear_forward(
         x_ptr=x,
         w_ptr=launch.w,
         meta_ptr=launch.meta,
+        scale_ptr=launch.scales,
         alpha_ptr=alpha,
         beta_ptr=beta,
         bias_ptr=bias if bias is not None else beta,  # never read when HAS_BIAS is False
@@ -252,6 +265,7 @@ def spp_linear_forward(
         stride_wm=launch.stride_wm,
         stride_wn=launch.stride_wn,
         stride_meta=launch.stride_meta,
+        stride_scale=launch.stride_scale,
         stride_ar=alpha.stride(0),
         stride_an=alpha.stride(1),
         stride_beta=beta.stride(0),
@@ -266,6 +280,8 @@ def spp_linear_forward(
         DROPOUT=dropout_p > 0.0,
         N_KEEP=launch.n_keep,
         NM_GROUP=launch.group,
+        VALUES=launch.values_kind,
+        SCALE_GROUP=launch.scale_group,
         UPCAST=launch.upcast,
         PRECISION=launch.precision,
     )

@@ -40,6 +40,7 @@ def _weight_chunk_kernel(
     # pointers: frozen weight (+ N:M metadata), adapters, output chunk
     w_ptr,
     meta_ptr,
+    scale_ptr,
     alpha_ptr,
     beta_ptr,
     out_ptr,
@@ -53,6 +54,7 @@ def _weight_chunk_kernel(
     stride_wm,
     stride_wn,
     stride_meta,
+    stride_scale,
     stride_ar,
     stride_an,
     stride_beta,
@@ -63,6 +65,8 @@ def _weight_chunk_kernel(
     MODE: tl.constexpr,
     N_KEEP: tl.constexpr,
     NM_GROUP: tl.constexpr,
+    VALUES: tl.constexpr,
+    SCALE_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
@@ -74,8 +78,9 @@ def _weight_chunk_kernel(
     n_ok = cols < n
     offs_m = row0 + local
     w = frozen_weight_tile(
-        w_ptr, meta_ptr, offs_m, rows_ok, col0, n, stride_wm, stride_wn, stride_meta,
-        BLOCK_N, N_KEEP, NM_GROUP,
+        w_ptr, meta_ptr, scale_ptr, offs_m, rows_ok, col0, n, stride_wm, stride_wn,
+        stride_meta, stride_scale, BLOCK_N, N_KEEP, NM_GROUP, VALUES, SCALE_GROUP,
+        out_ptr.dtype.element_ty,
     )  # fmt: skip
     if MODE == 0:
         out = w
@@ -123,15 +128,16 @@ def weight_chunk(
     if not 0 <= row0 <= row0 + rows <= m:
         raise ValueError(f"csrc_triton: chunk rows [{row0}, {row0 + rows}) outside [0, {m})")
     if out is None:
-        out = torch.empty((rows, n), dtype=launch.w.dtype, device=launch.w.device)
-    elif tuple(out.shape) != (rows, n) or out.dtype != launch.w.dtype or out.stride(1) != 1:
-        raise ValueError(f"csrc_triton: chunk out must be ({rows}, {n}) {launch.w.dtype}")
+        out = torch.empty((rows, n), dtype=launch.dtype, device=launch.w.device)
+    elif tuple(out.shape) != (rows, n) or out.dtype != launch.dtype or out.stride(1) != 1:
+        raise ValueError(f"csrc_triton: chunk out must be ({rows}, {n}) {launch.dtype}")
     if rows == 0 or n == 0:
         return out
     grid = (triton.cdiv(rows, CHUNK_BLOCK_M), triton.cdiv(n, CHUNK_BLOCK_N))
     _weight_chunk_kernel[grid](
         w_ptr=launch.w,
         meta_ptr=launch.meta,
+        scale_ptr=launch.scales,
         alpha_ptr=alpha,
         beta_ptr=beta,
         out_ptr=out,
@@ -143,6 +149,7 @@ def weight_chunk(
         stride_wm=launch.stride_wm,
         stride_wn=launch.stride_wn,
         stride_meta=launch.stride_meta,
+        stride_scale=launch.stride_scale,
         stride_ar=alpha.stride(0),
         stride_an=alpha.stride(1),
         stride_beta=beta.stride(0),
@@ -151,6 +158,8 @@ def weight_chunk(
         MODE=MODES[mode],
         N_KEEP=launch.n_keep,
         NM_GROUP=launch.group,
+        VALUES=launch.values_kind,
+        SCALE_GROUP=launch.scale_group,
         BLOCK_M=CHUNK_BLOCK_M,
         BLOCK_N=CHUNK_BLOCK_N,
     )

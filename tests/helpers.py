@@ -199,3 +199,22 @@ class NaNEmptyTorch:
         self.poisoned += 1
         t = torch.empty(*size, dtype=dtype, device=device, **kwargs)
         return t.fill_(math.nan if t.is_floating_point() else -1)
+
+
+def cpu_allocations(fn) -> list[tuple[str, int]]:
+    """(operator, bytes) of every CPU allocation the profiler records while fn() runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [(e.name, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage > 0]
+
+
+def assert_allocations_bounded(step, limit: int, probe, probe_bytes: int) -> None:
+    """No allocation of `step()` exceeds `limit` bytes, and the same profiler does see
+    `probe()` allocate at least `probe_bytes` (the whole weight it must never make)."""
+    sizes = cpu_allocations(step)
+    assert sizes, "the probe recorded nothing"
+    too_big = [(name, size) for name, size in sizes if size > limit]
+    assert not too_big, f"allocations over {limit} bytes: {too_big}"
+    assert max(size for _, size in cpu_allocations(probe)) >= probe_bytes

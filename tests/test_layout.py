@@ -32,11 +32,12 @@ TIERS = {
 MODULES = {
     "compat": [""],
     "utils": ["", "hf", "hyperparameters", "io", "lazy", "seeding", "shapes", "threads"],
-    "sparsity": ["", "nm", "packed", "semi_structured", "compressed", "sparse24", "report",
-                 "hf_quantizer", "hf_conversion"],
+    "sparsity": ["", "nm", "packed", "lowbit", "semi_structured", "compressed", "sparse24", "report",
+                 "hf_quantizer", "hf_conversion", "lowbit_hf"],
     "ops": ["", "quantized", "operand", "backends", "validation", "groups", "dropout", "reference", "chunked",
             "torch_backend", "triton_backend", "linear", "merge"],
-    "adapters": ["", "config", "registration", "layer", "packed_layer", "bnb_layer", "dispatch", "model",
+    "adapters": ["", "config", "registration", "layer", "packed_layer", "bnb_layer", "lowbit_layer", "dispatch",
+                 "model",
                  "peft_model", "checkpoint", "authors"],
 }  # fmt: skip
 TOP = 6  # spp_kernels/__init__.py, __main__.py: the public surface

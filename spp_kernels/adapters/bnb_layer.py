@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from ..ops import spp_linear
-from ..ops.chunked import CHUNK_BYTES
-from ..ops.groups import row_chunks
+from ..ops.operand import zero_fraction
 from ..ops.quantized import BnbWeight, standard_layout
 from .layer import SPPLinear, _linear
 
@@ -133,13 +132,7 @@ class SPPBnbLinear(SPPLinear):
         if self.merged:
             w = self.base_layer.weight
             return 1.0 - int(torch.count_nonzero(w)) / w.numel()
-        weight = self.frozen_operand()
-        m, n = weight.shape
-        nonzero = sum(
-            int(torch.count_nonzero(weight.rows(row0, rows)))
-            for row0, rows in row_chunks(m, n, 1, weight.dtype.itemsize, CHUNK_BYTES)
-        )
-        return 1.0 - nonzero / (m * n)
+        return zero_fraction(self.frozen_operand())
 
 
 def finish_dequantized(model: nn.Module) -> None:

@@ -37,6 +37,7 @@ import torch
 from peft import PeftConfig
 
 from ..ops.validation import BACKENDS
+from ..sparsity.lowbit import VALUE_FORMATS
 from ..utils.hyperparameters import shared
 from .registration import SPP_PEFT_TYPE, ensure_tuner
 
@@ -83,6 +84,8 @@ class SPPConfig(PeftConfig):
         "None: peft's rule (float32 adapters on a float16/bfloat16 model, autocast_adapter_dtype), "
         "or 'float32', 'bfloat16', 'float16', 'float64'."))  # fmt: skip
     weight_format: str = field(**shared("weight_format"))
+    weight_dtype: str | None = field(**shared("weight_dtype"))
+    weight_group_size: int = field(**shared("weight_group_size"))
     init_weights: bool = field(default=True, metadata=_help(
         "peft's switch for an identity init: False makes init 'paper' start away from the "
         "frozen layer ('both_random'); peft's generic tests use it."))  # fmt: skip
@@ -190,6 +193,25 @@ class SPPConfig(PeftConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"SPPConfig: {name} must be one of {allowed}, got {value!r}")
+        if self.weight_dtype is not None:
+            if self.weight_dtype not in VALUE_FORMATS:
+                raise ValueError(
+                    f"SPPConfig: weight_dtype must be None or one of {VALUE_FORMATS}, got "
+                    f"{self.weight_dtype!r}"
+                )
+            if self.weight_format == "dense":
+                raise ValueError(
+                    f"SPPConfig: weight_dtype={self.weight_dtype!r} stores packed N:M values; "
+                    "set weight_format='nm' (or 'auto')"
+                )
+        if (
+            isinstance(self.weight_group_size, bool)
+            or not isinstance(self.weight_group_size, int)
+            or self.weight_group_size < 1
+        ):
+            raise ValueError(
+                f"SPPConfig: weight_group_size must be a positive int, got {self.weight_group_size!r}"
+            )
         if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(
                 f"SPPConfig: adapter_dtype must be None or one of {ADAPTER_DTYPES}, "

@@ -50,7 +50,8 @@ def dispatch_packed(
     target: nn.Module, adapter_name: str, config: SPPConfig, nm: tuple[int, int] | None = None
 ) -> SPPLinear | None:
     """An SPPPackedLinear when `config.weight_format` asks to pack `target` (an nn.Linear)
-    and its weight has an N:M pattern worth packing, else None."""
+    and its weight has an N:M pattern worth packing (an SPPQuantizedPackedLinear when
+    `config.weight_dtype` names low-bit values), else None."""
     if config.weight_format not in WEIGHT_FORMATS:
         raise ValueError(
             f"SPPLinear: weight_format must be one of {WEIGHT_FORMATS}, got {config.weight_format!r}"
@@ -63,6 +64,17 @@ def dispatch_packed(
     if pattern is None:
         logger.info("SPP: kept the %s dense (not N:M sparse, or packing saves no bytes)", shape)
         return None
+    if config.weight_dtype is not None:
+        from ..sparsity.lowbit import QuantizedPackedLinear
+        from .lowbit_layer import SPPQuantizedPackedLinear
+
+        base = QuantizedPackedLinear.from_linear(
+            target, *pattern, config.weight_dtype, config.weight_group_size
+        ).train(target.training)
+        logger.info("SPP: packed the %s as %d:%d with %s values, %.1f%% of its dense bytes",
+                    shape, *pattern, config.weight_dtype,
+                    100 * base.quantized_weight().nbytes / (w.numel() * w.element_size()))  # fmt: skip
+        return SPPQuantizedPackedLinear(base, adapter_name, config)
     fraction = nm_packed_nbytes(*w.shape, *pattern, w.dtype) / (w.numel() * w.element_size())
     logger.info("SPP: packed the %s as %d:%d, %.1f%% of its dense bytes", shape, *pattern,
                 100 * fraction)  # fmt: skip
@@ -77,14 +89,34 @@ def dispatch_bnb(
     None. weight_format "nm" is refused: the base is quantized already, not packable."""
     if not is_bnb_layer(target):
         return None
-    if config.weight_format == "nm":
+    if config.weight_format == "nm" or config.weight_dtype is not None:
         raise ValueError(
-            f"SPP: weight_format='nm' packs float weights, but this {type(target).__name__} "
-            "is quantized by bitsandbytes; use weight_format='dense' or 'auto'"
+            f"SPP: weight_format='nm' and weight_dtype pack float weights, but this "
+            f"{type(target).__name__} is quantized by bitsandbytes; use weight_format='dense' "
+            "or 'auto' without weight_dtype"
         )
     from .bnb_layer import SPPBnbLinear
 
     return SPPBnbLinear(target, adapter_name, config)
+
+
+def dispatch_lowbit(
+    target: nn.Module, adapter_name: str, config: SPPConfig, **kwargs: Any
+) -> SPPLinear | None:
+    """An SPPQuantizedPackedLinear over a QuantizedPackedLinear (a base loaded with its
+    low-bit N:M codes, as `spp quantize` writes it), else None."""
+    from ..sparsity.lowbit import QuantizedPackedLinear
+
+    if not isinstance(target, QuantizedPackedLinear):
+        return None
+    if config.weight_dtype not in (None, target.value_format):
+        raise ValueError(
+            f"SPP: the layer holds {target.value_format} N:M values already; "
+            f"weight_dtype={config.weight_dtype!r} cannot change them (leave it unset)"
+        )
+    from .lowbit_layer import SPPQuantizedPackedLinear
+
+    return SPPQuantizedPackedLinear(target, adapter_name, config)
 
 
 def dispatch_dense(
@@ -98,7 +130,7 @@ def dispatch_dense(
 
 # Tried in order; the first that returns a layer wins (peft's LoRA dispatch pattern). The
 # bitsandbytes layers subclass nn.Linear, so theirs comes first.
-DISPATCHERS = [dispatch_bnb, dispatch_packed, dispatch_dense]
+DISPATCHERS = [dispatch_bnb, dispatch_lowbit, dispatch_packed, dispatch_dense]
 
 
 def new_layer(target: nn.Module, adapter_name: str, config: SPPConfig, **kwargs: Any) -> SPPLinear:

@@ -42,6 +42,7 @@ from ..ops import spp_linear
 from ..ops.merge import merged_weight_many
 from ..ops.operand import FrozenWeight
 from ..ops.validation import DEFAULT_DROPOUT, DEFAULT_R, DEFAULT_SCALE
+from ..sparsity.lowbit import DEFAULT_GROUP_SIZE
 from ..sparsity.nm import nm_pattern
 from ..sparsity.packed import PackedWeight
 from .config import SPPConfig
@@ -485,6 +486,8 @@ class SPPLinear(SPPLayer, nn.Module, metaclass=_StandaloneForm):
         weight_format: str = "dense",
         nm: tuple[int, int] | None = None,
         adapter_name: str = DEFAULT_ADAPTER,
+        weight_dtype: str | None = None,
+        weight_group_size: int = DEFAULT_GROUP_SIZE,
     ) -> SPPLinear:
         """Wrap a (pruned) nn.Linear; its weight and bias are frozen.
 
@@ -495,12 +498,16 @@ class SPPLinear(SPPLayer, nn.Module, metaclass=_StandaloneForm):
                 ValueError if it is not N:M sparse. The layer does not keep the dense weight.
             "auto": as "nm" when the weight satisfies `nm` (or some N:M pattern) and packing
                 saves bytes, as "dense" otherwise (the choice is logged at INFO level).
+        weight_dtype: with "nm" / "auto", store the packed values as "int8", "fp8" or "int4"
+            codes (an SPPQuantizedPackedLinear; spp_kernels.sparsity.lowbit), int4 with one
+            scale per `weight_group_size` kept values.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SPPLinear.from_linear expects nn.Linear, got {type(linear).__name__}")
         config = SPPConfig(
             r=r, scale=scale, dropout=dropout, init=init, backend=backend,
-            adapter_dtype=adapter_dtype, weight_format=weight_format,
+            adapter_dtype=adapter_dtype, weight_format=weight_format, weight_dtype=weight_dtype,
+            weight_group_size=weight_group_size,
         )  # fmt: skip
         from .dispatch import new_layer
 

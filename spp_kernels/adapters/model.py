@@ -33,6 +33,7 @@ from torch import nn
 
 from ..ops.dropout import pack_keep_mask
 from ..ops.quantized import BnbWeight, is_bnb_layer
+from ..sparsity.lowbit import QuantizedPackedLinear, check_value_format
 from ..sparsity.packed import PackedLinear
 from ..utils.hf import check_finite
 from .config import ALL_LINEAR, LLAMA_TARGET_MODULES, SPPConfig
@@ -60,7 +61,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 def _unsupported(module: nn.Module, parent: nn.Module | None) -> str | None:
     """Why SPP cannot wrap `module`, or None when it can."""
-    if isinstance(module, SPPLinear):
+    if isinstance(module, (SPPLinear, QuantizedPackedLinear)):
         return None
     if not isinstance(module, nn.Linear):
         return f"{type(module).__name__}: only `torch.nn.Linear` is supported"
@@ -131,10 +132,16 @@ def _frozen_weight(module: nn.Module) -> torch.Tensor:
     return base.dense_weight() if isinstance(base, PackedLinear) else base.weight
 
 
-def _bnb_format(module: nn.Module) -> tuple[int, int, str] | None:
-    """(m, n, format) of a (wrapped) bitsandbytes linear's quantized weight, else None."""
+def _quantized_format(module: nn.Module) -> tuple[int, int, str] | None:
+    """(m, n, format) of a (wrapped) quantized linear: a bitsandbytes one ('nf4', 'fp4',
+    'int8') or one with low-bit N:M values ('nm-int8', 'nm-int4', 'nm-fp8'), else None."""
     from .bnb_layer import SPPBnbLinear
+    from .lowbit_layer import SPPQuantizedPackedLinear
 
+    if isinstance(module, SPPQuantizedPackedLinear):
+        return module.out_features, module.in_features, f"nm-{module.weight_dtype}"
+    if isinstance(module, QuantizedPackedLinear):  # a base loaded with its codes (spp quantize)
+        return module.out_features, module.in_features, f"nm-{module.value_format}"
     if isinstance(module, SPPBnbLinear):
         operand = module.frozen_operand()
         return (*operand.shape, operand.kind)
@@ -152,10 +159,11 @@ def base_fingerprint(module: nn.Module) -> str | None:
     meta device: 16 hex digits of the sha256 of the packed zero mask, then of FINGERPRINT_ROWS
     evenly spaced rows rounded to bfloat16 (the same digest whether the base was loaded in
     float32, bfloat16 or float16 from one checkpoint; a merge changes it). A bitsandbytes
-    base gives 'm x n:-:-:<format>' ('nf4', 'fp4', 'int8'): its shape only is compared
+    base gives 'm x n:-:-:<format>' ('nf4', 'fp4', 'int8'), as does a wrapped layer with
+    low-bit N:M values ('nm-int8', 'nm-int4', 'nm-fp8'): its shape only is compared
     (`check_fingerprint`), so nothing is dequantized for it."""
     digest = lambda b: hashlib.sha256(b).hexdigest()[:16]  # noqa: E731
-    quantized = _bnb_format(module)
+    quantized = _quantized_format(module)
     if quantized is not None:
         m, n, kind = quantized
         return f"{m}x{n}:-:-:{kind}"
@@ -241,21 +249,34 @@ class SPPTuner(BaseTuner):
             out_features = module.out_features
             if config.r > out_features:
                 raise ValueError(f"SPP: r={config.r} exceeds out_features={out_features} of {name}")
-            if is_bnb_layer(module):
+            if isinstance(module, QuantizedPackedLinear):
+                if config.weight_dtype not in (None, module.value_format):
+                    raise ValueError(
+                        f"SPP: {name} holds {module.value_format} N:M values already; "
+                        f"weight_dtype={config.weight_dtype!r} cannot change them (leave it unset)"
+                    )
+            elif is_bnb_layer(module):
                 try:
                     BnbWeight.check_layer(module)
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
-                if config.weight_format == "nm":
+                if config.weight_format == "nm" or config.weight_dtype is not None:
                     raise ValueError(
-                        f"SPP: {name}: weight_format='nm' packs float weights, but this layer "
-                        "is quantized by bitsandbytes; use weight_format='dense' or 'auto'"
+                        f"SPP: {name}: weight_format='nm' and weight_dtype pack float weights, "
+                        "but this layer is quantized by bitsandbytes; use weight_format='dense' "
+                        "or 'auto' without weight_dtype"
                     )
-            elif config.weight_format == "nm" and isinstance(module, nn.Linear):
+            elif (config.weight_format == "nm" or config.weight_dtype is not None) and isinstance(
+                module, nn.Linear
+            ):
                 try:
-                    _packing_pattern(module.weight.data, "nm", None)
+                    pattern = _packing_pattern(module.weight.data, config.weight_format, None)
                 except ValueError as e:
                     raise ValueError(f"SPP: {name}: {e}") from None
+                if pattern is not None and config.weight_dtype is not None:
+                    check_value_format(config.weight_dtype, config.weight_group_size,
+                                       pattern[0], module.in_features // pattern[1] * pattern[0],
+                                       f"SPP: {name}")  # fmt: skip
         if config.base_fingerprint is not None and not config.allow_other_base:
             check_fingerprint(config.base_fingerprint, targets)
         super().inject_adapter(
@@ -311,6 +332,11 @@ class SPPTuner(BaseTuner):
         if isinstance(child, SPPLinear) and not isinstance(new_module, BaseTunerLayer):
             # Unloading: new_module is the complete plain layer (merged, or restored); peft's
             # default would copy the base layer's (unmerged, or absent) weight onto it.
+            setattr(parent, child_name, new_module)
+            return
+        if isinstance(child, QuantizedPackedLinear):
+            # No weight for peft's device move to read: the adapters were made on the codes'
+            # device (SPPLinear.update_layer).
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
@@ -389,8 +415,10 @@ class SPPTuner(BaseTuner):
             progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         from .bnb_layer import finish_dequantized
+        from .lowbit_layer import finish_decoded
 
         finish_dequantized(model)
+        finish_decoded(model)
         return model
 
     def spp_layers(self) -> dict[str, SPPLinear]:

@@ -18,7 +18,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     with outdir.owned_output(args.out, args.force, inputs) as out:
         model, tokenizer = models.load_model(args.model, device=models.resolve_device(args.device))
         before = models.zero_masks(model)
-        spp = models.load_adapter(model, args.adapter, allow_other_base=args.allow_other_base)
+        spp = models.load_adapter(model, args.adapter, allow_other_base=args.allow_other_base,
+                                  float_values=True)  # fmt: skip
         try:
             merged = spp.merge_and_unload()  # refuses non-finite merged weights, naming the layer
         except ValueError as e:

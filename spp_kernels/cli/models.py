@@ -140,9 +140,15 @@ def target_linears(model: Any) -> dict[str, Any]:
         raise UserError(f"model has no SPP target layers: {first_line(e)}") from None
 
 
+def frozen_weight(layer: Any) -> Any:
+    """The dense frozen weight a target layer computes with: nn.Linear's weight, or a
+    QuantizedPackedLinear's (a base written by `spp quantize`) decoded (a new tensor)."""
+    return layer.weight if layer.weight is not None else layer.dense_weight()
+
+
 def zero_masks(model: Any) -> dict[str, Any]:
     """{layer name: bool tensor of exact zeros} for the targeted layers (on CPU)."""
-    return {n: (m.weight.detach() == 0).cpu() for n, m in target_linears(model).items()}
+    return {n: (frozen_weight(m).detach() == 0).cpu() for n, m in target_linears(model).items()}
 
 
 def sparsity_of(masks: dict[str, Any]) -> float:
@@ -152,8 +158,13 @@ def sparsity_of(masks: dict[str, Any]) -> float:
     return zeros / max(1, total)
 
 
-def load_adapter(model: Any, adapter: str | os.PathLike, allow_other_base: bool = False) -> Any:
-    """Wrap `model` with the SPP adapter in `adapter`, with user-facing errors."""
+def load_adapter(
+    model: Any, adapter: str | os.PathLike, allow_other_base: bool = False,
+    float_values: bool = False,
+) -> Any:  # fmt: skip
+    """Wrap `model` with the SPP adapter in `adapter`, with user-facing errors.
+    `float_values`: an adapter trained on low-bit N:M values (weight_dtype) wraps the float
+    weights they were quantized from instead (QLoRA's merge: into the float model)."""
     from ..adapters import SPPModel
     from ..adapters.checkpoint import is_legacy_adapter_dir, read_adapter_config
 
@@ -165,6 +176,10 @@ def load_adapter(model: Any, adapter: str | os.PathLike, allow_other_base: bool 
         if not is_legacy_adapter_dir(p):
             config = read_adapter_config(p)
             config.allow_other_base = allow_other_base
+            if float_values and config.weight_dtype is not None:
+                log.info("the adapter was trained on %s N:M values; it is applied to the "
+                         "float weights they were quantized from", config.weight_dtype)  # fmt: skip
+                config.weight_dtype = None
         return SPPModel.from_pretrained(model, p, config=config)
     except Exception as e:  # a garbage file, another base, an int-typed adapter...
         raise UserError(f"--adapter {p}: {first_line(e)}") from None

@@ -91,7 +91,9 @@ def _dataclass_options(p: argparse.ArgumentParser, cls: type, names: tuple[str, 
 
 _BOUND_WORDS = {0: "an integer >= 0", 1: "a positive integer"}
 # Adapter options of `spp train` (SPPConfig's fields, defaults shared through AdapterOptions).
-ADAPTER_OPTIONS = ("r", "scale", "dropout", "init", "backend", "weight_format")
+ADAPTER_OPTIONS = (
+    "r", "scale", "dropout", "init", "backend", "weight_format", "weight_dtype", "weight_group_size",
+)  # fmt: skip
 TRAIN_OPTIONS = (
     "lr", "epochs", "batch_size", "grad_accum", "max_steps", "warmup_ratio", "weight_decay",
     "kd_weight", "kd_temperature", "save_every", "keep_checkpoints", "skip_nonfinite",
@@ -227,6 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     _common(p, device=False)
     p.set_defaults(func=_command("merge", "cmd_export"))
+
+    p = sub.add_parser("quantize", help="store a pruned model's N:M values as low-bit codes",
+                       description="Round-to-nearest int8 / fp8 / int4 codes for the kept "
+                       "values of every N:M projection (spp_kernels.sparsity.lowbit); the "
+                       "directory opens with from_pretrained, `spp train` trains SPP adapters "
+                       "on it and `spp merge` merges into its decoded weights.")  # fmt: skip
+    p.add_argument("--model", required=True, help="N:M-pruned HF model directory")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--weight-dtype", required=True, choices=("int8", "int4", "fp8"),
+                   help="int8 / fp8: one scale per row; int4: one per --weight-group-size")  # fmt: skip
+    from ..utils.hyperparameters import AdapterOptions, default
+
+    p.add_argument("--weight-group-size", type=_positive_int,
+                   default=default(AdapterOptions, "weight_group_size"),
+                   help="kept values per int4 scale (must divide every packed row) (128)")  # fmt: skip
+    p.add_argument("--bf16", action="store_true",
+                   help="quantize from the bfloat16 weights (default: float32)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _common(p, device=False)
+    p.set_defaults(func=_command("quantize", "cmd_quantize"))
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded SmolLM2-135M")
     p.add_argument("--quick", action="store_true", help="smaller run (< 2 minutes on 2 cores)")

@@ -119,6 +119,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if bits and (args.fsdp or deepspeed is not None):
         raise UserError(f"--load-in-{bits}bit trains on one process per GPU (DDP); it does not "
                         "combine with --fsdp or --deepspeed")  # fmt: skip
+    if args.weight_dtype is not None and bits:
+        raise UserError(f"--weight-dtype stores float N:M values as low-bit codes; the base is "
+                        f"already quantized by --load-in-{bits}bit: choose one")  # fmt: skip
+    if args.weight_dtype is not None and (args.fsdp or deepspeed is not None):
+        raise UserError("--weight-dtype trains on one process per GPU (DDP); it does not "
+                        "combine with --fsdp or --deepspeed")  # fmt: skip
     if not is_main:
         args.quiet = True  # logs and progress bars on rank 0 only
         logging.getLogger("spp_kernels").setLevel(logging.WARNING)
@@ -201,7 +207,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "fsdp": args.fsdp,
         "deepspeed": args.deepspeed,
         "engine": result.engine,
-        "base_quantization": _quantization_name(args),
+        "base_quantization": _quantization_name(args, model),
         "adapter": str(out),
     }
     rows = [
@@ -283,10 +289,16 @@ def _deepspeed_config(path: str | None) -> str | None:
 def _zero_masks(model: Any) -> dict[str, tuple[Any, tuple[int, ...], str]]:
     """{name: (layer, shape, digest of its zero mask)} of the targeted layers, before SPP:
     a 32-byte digest per layer instead of a mask (a 70B's masks would be 64 GB). For a
-    bitsandbytes layer the digest is of its packed codes: the check then says the frozen
-    codes are unchanged, which keeps the zeros they decode to."""
-    return {n: (m, tuple(m.weight.shape), _zeros_digest(m.weight)) for n, m in
+    bitsandbytes layer, or one with low-bit N:M codes (`spp quantize`), the digest is of its
+    codes: the check then says the frozen codes are unchanged, which keeps the zeros they
+    decode to."""
+    return {n: (m, tuple(_frozen_tensor(m).shape), _zeros_digest(_frozen_tensor(m))) for n, m in
             target_linears(model).items()}  # fmt: skip
+
+
+def _frozen_tensor(layer: Any) -> Any:
+    """The tensor holding a target layer's frozen weight: its weight, or its low-bit codes."""
+    return layer.weight if layer.weight is not None else layer.weight_codes
 
 
 def _zeros_digest(weight: Any) -> str:
@@ -305,7 +317,7 @@ def _check_zeros_kept(masks: dict[str, tuple[Any, tuple[int, ...], str]]) -> Non
     order); a layer whose dense weight is no longer held (packed N:M, DeepSpeed ZeRO-3
     partitions) keeps its zeros by construction."""
     for name, (layer, shape, digest) in masks.items():
-        weight = layer.weight.detach()
+        weight = _frozen_tensor(layer).detach()
         full = getattr(weight, "full_tensor", None)
         weight = full() if callable(full) else weight
         if tuple(weight.shape) != shape:
@@ -314,8 +326,14 @@ def _check_zeros_kept(masks: dict[str, tuple[Any, tuple[int, ...], str]]) -> Non
             raise UserError(f"training changed the zeros of {name}: sparsity was lost")
 
 
-def _quantization_name(args: argparse.Namespace) -> str | None:
-    """The frozen base's bitsandbytes format in the result ('nf4', 'fp4', 'int8'), or None."""
+def _quantization_name(args: argparse.Namespace, model: Any = None) -> str | None:
+    """The frozen base's quantized format in the result: bitsandbytes' ('nf4', 'fp4',
+    'int8'), low-bit N:M values ('nm-int8', 'nm-fp8', 'nm-int4': --weight-dtype, or a base
+    written by `spp quantize`), or None."""
+    stored = getattr(getattr(getattr(model, "config", None), "quantization_config", None),
+                     "weight_dtype", None)  # fmt: skip
+    if args.weight_dtype is not None or stored is not None:
+        return f"nm-{args.weight_dtype or stored}"
     if args.load_in_4bit:
         return args.quant_type or "nf4"
     return "int8" if args.load_in_8bit else None

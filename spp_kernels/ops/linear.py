@@ -3,7 +3,7 @@
     Y = X W^T + scale * Dropout(X) W'^T + bias,   W'[o, i] = W[o, i] * alpha[g(o), i] * beta[o]
 
 The frozen weight W (m, n) is one operand (`spp_kernels.ops.operand.FrozenWeight`: a dense
-tensor or a `PackedWeight`). A call is checked once (`_call`: autocast, operands, backend,
+tensor, a `PackedWeight`, a `QuantizedPackedWeight` or a `BnbWeight`). A call is checked once (`_call`: autocast, operands, backend,
 seed, mask), the operand is flattened into the custom op's arguments in one place
 (`operand.flatten`), and two custom ops with registered autograd and fake
 implementations carry it, so torch.compile traces each call as one node:
@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from ..sparsity.packed import PackedWeight
 from .backends import implementation, resolve_backend
 from .dropout import bits_width, draw_keep_bits, keep_bits_of, new_seed
-from .operand import FrozenWeight, cast_values, flatten, unflatten
+from .operand import FrozenWeight, cast_values, flatten, travels_whole, unflatten
 from .quantized import BnbWeight
 from .validation import DEFAULT_SCALE, FLOAT_DTYPES, TORCH_DTYPES, check_backend, check_spp_args
 
@@ -147,7 +147,7 @@ def _setup_context(ctx, inputs, output):
         inputs
     )
     bits = None if dropout_p == 0.0 else (keep if keep is not None else output[1])
-    # A BnbWeight (eager calls only) is not a tensor: the context holds it as it is.
+    # A kind that travels whole (eager calls only) is not a tensor: the context holds it.
     ctx.operand = None if isinstance(w, Tensor) else w
     ctx.save_for_backward(x, w if ctx.operand is None else None, w_meta, alpha, beta, bits)
     ctx.n_keep, ctx.group = n_keep, group
@@ -278,11 +278,13 @@ def _call(
     else:
         seed = torch.zeros((), dtype=torch.int64)
     w, w_meta, n_keep, group = flatten(weight)
-    if not _eager(x2d, None if quantized else w, alpha, beta, bias):
-        if quantized:
+    whole = travels_whole(weight)
+    if not _eager(x2d, None if whole else w, alpha, beta, bias):
+        if whole:
+            kind = weight.kind if quantized else f"{weight.value_format} N:M packed"
             raise TypeError(
-                f"{what}: a bitsandbytes ({weight.kind}) weight runs in eager mode only (not "
-                "under torch.compile, export, torch.func or with tensor subclasses)"
+                f"{what}: a {kind} weight runs in eager mode only (not under torch.compile, "
+                "export, torch.func or with tensor subclasses)"
             )
         op = spp_linear_fwd
     elif torch.is_grad_enabled():
@@ -290,8 +292,8 @@ def _call(
     else:
         op = _forward_impl  # nothing to save for a backward
     y, _ = op(
-        x2d, w.detach(), w_meta, alpha, beta, bias, n_keep, group, float(term.scale), p, seed,
-        keep, resolved, bool(term.with_base),
+        x2d, w if whole else w.detach(), w_meta, alpha, beta, bias, n_keep, group,
+        float(term.scale), p, seed, keep, resolved, bool(term.with_base),
     )  # fmt: skip
     return y.view(*lead, m)
 
@@ -315,7 +317,8 @@ def spp_linear(
 
     Shapes: x (..., n) with any leading dimensions and strides; weight W (m, n), frozen (no
     gradient): a dense tensor, a `PackedWeight` (N:M packed; the fused kernels decode its
-    tiles in registers, the torch backend bounded row chunks) or a `BnbWeight` (a
+    tiles in registers, the torch backend bounded row chunks), a `QuantizedPackedWeight`
+    (N:M packed int8 / fp8 / int4 codes, decoded the same ways; eager mode) or a `BnbWeight` (a
     bitsandbytes NF4 / FP4 / int8 weight: torch backend, eager mode, rows dequantized per
     chunk; usually with with_base=False beside the layer's own quantized matmul); alpha (r, n) with
     1 <= r <= m, beta (m,), bias (m,) or None; returns (..., m) in x's dtype.

@@ -2,6 +2,9 @@
 
     FrozenWeight = torch.Tensor (W itself, (m, n))
                  | PackedWeight (N:M packed values + metadata, spp_kernels.sparsity.packed)
+                 | QuantizedPackedWeight (N:M packed int8 / int4 / fp8 codes + scales +
+                              metadata, spp_kernels.sparsity.lowbit: decoded per tile by
+                              the Triton kernels, per chunk on the host; eager calls only)
                  | BnbWeight (a bitsandbytes NF4 / FP4 / int8 weight, spp_kernels.ops.quantized:
                               rows dequantized per chunk; torch backend, eager calls only)
 
@@ -22,11 +25,12 @@ from typing import Union
 
 import torch
 
+from ..sparsity.lowbit import QuantizedPackedWeight
 from ..sparsity.packed import PackedWeight
 from .quantized import BnbWeight
 
 Tensor = torch.Tensor
-FrozenWeight = Union[Tensor, PackedWeight, BnbWeight]  # noqa: UP007 - a runtime alias
+FrozenWeight = Union[Tensor, PackedWeight, QuantizedPackedWeight, BnbWeight]  # noqa: UP007 - a runtime alias
 
 
 def weight_rows(weight: FrozenWeight, row0: int, rows: int) -> Tensor:
@@ -42,17 +46,23 @@ def dense_or_none(weight: FrozenWeight) -> Tensor | None:
     return weight if isinstance(weight, Tensor) else None
 
 
-def flatten(weight: FrozenWeight) -> tuple[Tensor | BnbWeight, Tensor | None, int, int]:
+def travels_whole(weight: FrozenWeight) -> bool:
+    """Whether `weight` is a kind the custom op's tensor arguments cannot carry (a
+    BnbWeight, a QuantizedPackedWeight): such calls run through the eager path only."""
+    return isinstance(weight, (BnbWeight, QuantizedPackedWeight))
+
+
+def flatten(weight: FrozenWeight) -> tuple[Tensor | object, Tensor | None, int, int]:
     """(values, meta or None, n_keep, group): the custom op's arguments for `weight`
-    (a dense W: (W, None, 0, 0); a BnbWeight travels whole, (W, None, 0, 0), through the
-    eager path only)."""
-    if isinstance(weight, (Tensor, BnbWeight)):
+    (a dense W: (W, None, 0, 0); a kind that `travels_whole` is passed as it is,
+    (W, None, 0, 0), through the eager path only)."""
+    if isinstance(weight, Tensor) or travels_whole(weight):
         return weight, None, 0, 0
     return weight.values, weight.meta, weight.n_keep, weight.group
 
 
 def unflatten(
-    values: Tensor | BnbWeight, meta: Tensor | None, n_keep: int, group: int, n: int
+    values: Tensor | object, meta: Tensor | None, n_keep: int, group: int, n: int
 ) -> FrozenWeight:
     """The operand back from `flatten`'s arguments; `n` is W's column count."""
     if meta is None:
@@ -64,3 +74,17 @@ def cast_values(weight: FrozenWeight, dtype: torch.dtype) -> FrozenWeight:
     """W in `dtype` (autocast): a packed weight casts its values only, never densified; a
     quantized one decodes to `dtype`."""
     return weight.to(dtype)
+
+
+def zero_fraction(weight: FrozenWeight) -> float:
+    """Fraction of exact zeros in W (m, n), counted over bounded row chunks: a packed or
+    quantized W is never decoded whole."""
+    from .chunked import CHUNK_BYTES
+    from .groups import row_chunks
+
+    m, n = weight.shape
+    nonzero = sum(
+        int(torch.count_nonzero(weight_rows(weight, row0, rows)))
+        for row0, rows in row_chunks(m, n, 1, weight.dtype.itemsize, CHUNK_BYTES)
+    )
+    return 1.0 - nonzero / (m * n)

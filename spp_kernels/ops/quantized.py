@@ -98,9 +98,6 @@ class BnbWeight:
         """The same weight decoding to `dtype` (nothing is copied)."""
         return replace(self, dtype=dtype)
 
-    def detach(self) -> BnbWeight:
-        return self
-
     def check(self) -> None:
         """Nothing to check per call: `of_layer` checked the layer once."""
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..sparsity.lowbit import QuantizedPackedWeight
 from ..sparsity.packed import PackedWeight
 
 # The paper's hyper-parameters: one default for the op, SPPLinear, SPPConfig and the CLI (the
@@ -35,13 +36,14 @@ def check_spp_args(
 ) -> None:
     """Validate shapes, dtypes, devices and scalars of an SPP linear call: the one check of
     a call's operands. `weight` is the frozen-weight operand: a dense (m, n) tensor, a
-    PackedWeight (whose values and metadata are checked against its N:M pattern here) or a
-    BnbWeight (checked when made from its layer)."""
-    if isinstance(weight, (PackedWeight, BnbWeight)):
+    PackedWeight or QuantizedPackedWeight (whose values or codes, scales and metadata are
+    checked against its format here) or a BnbWeight (checked when made from its layer)."""
+    if isinstance(weight, (PackedWeight, QuantizedPackedWeight, BnbWeight)):
         weight.check()
     elif not isinstance(weight, torch.Tensor):
         raise TypeError(
-            f"{what}: weight must be a torch.Tensor, a PackedWeight or a BnbWeight, got "
+            f"{what}: weight must be a torch.Tensor, a PackedWeight, a QuantizedPackedWeight or "
+            f"a BnbWeight, got "
             f"{type(weight).__name__}"
         )
     elif weight.dim() != 2:

@@ -172,3 +172,6 @@ def register() -> None:
 
 
 register()
+# The low-bit N:M format's quant_method ("spp_nm_lowbit"): registered with this one, so the
+# start-up hook opens both kinds of directory.
+from . import lowbit_hf  # noqa: E402, F401

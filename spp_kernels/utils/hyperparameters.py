@@ -1,7 +1,7 @@
 """The adapter hyper-parameters' one default and help text (stdlib only).
 
-`AdapterOptions` is the single source for r, scale, dropout, init, backend and
-weight_format: `SPPConfig`'s fields, `SPPLinear`, the op and the `spp` command-line options
+`AdapterOptions` is the single source for r, scale, dropout, init, backend,
+weight_format, weight_dtype and weight_group_size: `SPPConfig`'s fields, `SPPLinear`, the op and the `spp` command-line options
 all read their default and help here (the CLI imports this module without torch or peft).
 Defaults are the SPP paper's (r = 16 rows of alpha, scale 2, dropout 0.05).
 """
@@ -38,6 +38,13 @@ class AdapterOptions:
     weight_format: str = option("dense", "Frozen weights 'dense', 'nm' (kept N:M packed: values "
                                 "+ metadata) or 'auto' (packed where a layer is N:M sparse and "
                                 "packing saves bytes).", choices=("dense", "nm", "auto"))  # fmt: skip
+    weight_dtype: str | None = option(None, "Packed frozen values as low-bit codes (with "
+                                      "--weight-format nm or auto): 'int8' or 'fp8' (scale per "
+                                      "row) or 'int4' (scale per --weight-group-size kept "
+                                      "values); round-to-nearest, at load. Default: the "
+                                      "model's dtype.", choices=("int8", "int4", "fp8"))  # fmt: skip
+    weight_group_size: int = option(128, "Kept values per int4 scale (must divide every "
+                                    "packed row: in_features / M * N).", minimum=1)  # fmt: skip
 
 
 def default(cls: type, name: str) -> Any:

@@ -202,3 +202,38 @@ def test_low_bit_base_with_deepspeed_is_refused_before_out_changes(models, tmp_p
     assert_user_error(capsys, "needs --load-in-4bit", *train_argv(models, out, "--load-in-8bit",
                       "--quant-type", "fp4"))  # fmt: skip
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", ["int4", "fp8"])
+def test_low_bit_nm_values_train_and_the_adapter_merges_into_the_float_model(dtype, models,
+                                                                           tmp_path, capsys):  # fmt: skip
+    """--weight-dtype: the 2:4 values kept as low-bit codes while training; the adapter
+    merges into the float pruned model, every zero kept."""
+    out = tmp_path / "run"
+    extra = ("--weight-format", "nm", "--weight-dtype", dtype, "--weight-group-size", "16")
+    info = cli_json(capsys, *train_argv(models, out, *extra))
+    assert info["steps"] == 3 and info["base_quantization"] == f"nm-{dtype}"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["weight_dtype"] == dtype and config["weight_group_size"] == 16
+    cli_json(capsys, "merge", "--model", models / "pruned", "--adapter", out, "--out",
+             tmp_path / "merged")  # fmt: skip
+    from safetensors.torch import load_file
+
+    before, after = load_file(models / "pruned" / "model.safetensors"), {}
+    for f in (tmp_path / "merged").glob("*.safetensors"):
+        after.update(load_file(f))
+    for key in [k for k in before if k.endswith("proj.weight")]:
+        assert bool((after[key][before[key] == 0] == 0).all()), f"{key}: a zero became nonzero"
+
+
+def test_low_bit_nm_values_refusals_come_before_out_changes(models, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert_user_error(capsys, "set weight_format='nm'", *train_argv(models, out,
+                      "--weight-dtype", "int8"))  # fmt: skip
+    assert_user_error(capsys, "already quantized by --load-in-4bit", *train_argv(
+        models, out, "--weight-format", "nm", "--weight-dtype", "int8", "--load-in-4bit"))  # fmt: skip
+    assert not out.exists()
+    # found once the model is loaded: --out holds nothing
+    assert_user_error(capsys, "row length divisible by the group", *train_argv(
+        models, out, "--weight-format", "nm", "--weight-dtype", "int4"))  # fmt: skip
+    assert not out.exists() or not any(out.iterdir())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -14,7 +13,7 @@ from spp_kernels import spp_linear  # noqa: E402
 from spp_kernels.ops import chunked  # noqa: E402
 from spp_kernels.ops.quantized import BnbWeight  # noqa: E402
 from spp_kernels.ops.reference import spp_linear_naive  # noqa: E402
-from tests.helpers import TOL, NaNEmptyTorch, assert_close  # noqa: E402
+from tests.helpers import TOL, NaNEmptyTorch, assert_allocations_bounded, assert_close  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -139,18 +138,12 @@ def test_no_allocation_beyond_the_chunk_budget(kind, dropout_p, monkeypatch):
     beta = torch.randn(m, requires_grad=True)
     kw = dict(dropout_p=dropout_p, seed=1, with_base=False)
     spp_linear(x, operand, alpha, beta, **kw).sum().backward()  # warm-up
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        spp_linear(x, operand, alpha, beta, **kw).sum().backward()
-    sizes = [
-        (e.name, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage > 0
-    ]
-    assert sizes, "the probe recorded nothing"
-    too_big = [(name, size) for name, size in sizes if size > weight_bytes // 4]
-    assert not too_big, f"allocations over {weight_bytes // 4} bytes: {too_big}"
-    # the probe sees the whole dequantized weight when it is made
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        operand.dense()
-    assert max(e.self_cpu_memory_usage for e in prof.events()) >= weight_bytes
+    assert_allocations_bounded(
+        lambda: spp_linear(x, operand, alpha, beta, **kw).sum().backward(),
+        weight_bytes // 4,
+        operand.dense,
+        weight_bytes,
+    )
 
 
 def test_refusals_name_the_problem():

@@ -432,6 +432,34 @@ def test_the_launch_device_capability_picks_its_config_table(monkeypatch, capabi
     assert seen == [x.device]  # the launch tensor's device, not the current device
 
 
+LOW_BIT_TABLES = {
+    "forward": (spp_forward_mod.FORWARD_CONFIGS, spp_forward_mod.FORWARD_LOW_BIT_CONFIGS),
+    "dx": (spp_backward_mod.DX_CONFIGS, spp_backward_mod.DX_LOW_BIT_CONFIGS),
+}
+
+
+@pytest.mark.parametrize("capability,arch", [((8, 0), "sm_80"), ((9, 0), "sm_90a")])
+@pytest.mark.parametrize("kernel", sorted(LOW_BIT_TABLES))
+def test_low_bit_weights_pick_their_spill_free_subset(monkeypatch, capability, arch, kernel):
+    """A weight of low-bit codes (VALUES > 0) keeps its architecture's low-bit subset (the
+    configs that spill with its decode left out); a float weight the whole table."""
+    from csrc_triton._launch import arch_pruner, config_label, without
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    tables, low_bit = LOW_BIT_TABLES[kernel]
+    every = [c for table in tables.values() for c in table]
+    prune = arch_pruner(tables, low_bit)
+    x = torch.zeros(2)
+    for values in (1, 2, 3):
+        kept = prune(every, {}, x_ptr=x, VALUES=values)
+        assert [id(c) for c in kept] == [id(c) for c in low_bit[arch]]
+    assert 0 < len(low_bit[arch]) < len(tables[arch])
+    assert [id(c) for c in prune(every, {}, x_ptr=x, VALUES=0)] == [id(c) for c in tables[arch]]
+    with pytest.raises(ValueError, match="no sm_80 config"):
+        without(tables, {"sm_80": ["1x2x3 w4 s5"]})
+    assert all(config_label(c).count("x") == 2 for c in tables[arch])
+
+
 def test_clear_errors():
     n, m, r = 8, 6, 2
     x64 = torch.randn(4, n, dtype=torch.float64, device=DEVICE)
