@@ -11,8 +11,8 @@
 # results file as they are measured, so a killed section keeps what it measured.
 #
 # Sections and default budgets in seconds (override from the environment):
-#   environment 30 | tests TEST_S=100 | linear LINEAR_S=140 | model MODEL_S=60
-#   sparse24 S24_S=25 | nm NM_S=25                                  (total 380 s + start-up)
+#   environment 30 | tests TEST_S=100 | linear LINEAR_S=100 | model MODEL_S=60
+#   sparse24 S24_S=25 | nm NM_S=25 | lowbit LOWBIT_S=40             (total 380 s + start-up)
 # The tests pin one Triton config per kernel (SPP_TRITON_CONFIGS=first: one compile per
 # specialisation instead of one per config) and run `-m "cuda and not slow"`; the
 # benchmarks autotune normally and report the chosen configs in their notes.
@@ -33,10 +33,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export SPP_GIT_COMMIT="${SPP_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 TEST_S="${TEST_S:-100}"
-LINEAR_S="${LINEAR_S:-140}"
+LINEAR_S="${LINEAR_S:-100}"
 MODEL_S="${MODEL_S:-60}"
 S24_S="${S24_S:-25}"
 NM_S="${NM_S:-25}"
+LOWBIT_S="${LOWBIT_S:-40}"
 FAILED=0
 
 log() { echo "$*" | tee -a "$LOG"; }
@@ -95,6 +96,8 @@ bench linear "$LINEAR_S"
 bench model "$MODEL_S"
 bench sparse24 "$S24_S"
 bench nm "$NM_S"
+# SPP per low-bit base format (2:4 bf16 / int8 / fp8 / int4, NF4) against LoRA on each.
+bench lowbit "$LOWBIT_S"
 # The plot, once, from everything measured (optional: needs matplotlib).
 "$PY" - "$OUT_DIR" >>"$LOG" 2>&1 <<'EOF' || true
 import json, sys

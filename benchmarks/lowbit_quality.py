@@ -3,9 +3,13 @@
 The embedded SmolLM2-135M-Instruct pruned 2:4 (Wanda, the calibration windows of
 benchmarks.recovery), saved, then loaded with its projections in each base format:
 
-  bf16   the pruned weights in bfloat16 (the reference base);
-  int8   bitsandbytes LLM.int8() (Linear8bitLt);
-  NF4    bitsandbytes NF4 with double quantization (QLoRA's base);
+  bf16      the pruned weights in bfloat16 (the reference base);
+  int8      bitsandbytes LLM.int8() (Linear8bitLt);
+  NF4       bitsandbytes NF4 with double quantization (QLoRA's base);
+  2:4 int8  the packed 2:4 values as int8 codes, one scale per row (spp_kernels.sparsity.lowbit);
+  2:4 fp8   as float8 e4m3 codes, one scale per row;
+  2:4 int4  as int4 codes, one scale per --int4-group kept values (default: the largest
+            group up to 128 dividing every packed row: 96 for SmolLM2's 288 and 768);
 
 all computing in bfloat16 (adapters in float32, as QLoRA keeps them). For each format:
 held-out Wikipedia perplexity of the base, then after the same SPP training (r = 16, the
@@ -15,8 +19,10 @@ evaluated in bfloat16. Beside them, QLoRA*: LoRA r = 8 on the
 NF4 base, trained the same way (--lora-lr), merged into the dequantized weight and the
 2:4 mask re-applied (the paper's LoRA* on a quantized base).
 
-2:4 with int4 values (issue 22, part 2) is not implemented yet: its row says so.
-Writes benchmarks/results/lowbit-quality-<device>-<date>.{json,md}; --quick: a tiny random
+The 2:4 rows quantize round-to-nearest when SPP wraps the bfloat16 model
+(SPPConfig(weight_format="nm", weight_dtype=...)); their base perplexity is the wrapped
+model before training (beta = 0: exactly the quantized base), and they merge into
+bfloat16 weights decoded from the codes. Writes benchmarks/results/lowbit-quality-<device>-<date>.{json,md}; --quick: a tiny random
 model (a smoke test).
 """
 
@@ -44,11 +50,23 @@ from benchmarks.common import (
     versions_line,
 )
 
-FORMATS = ("bf16", "int8", "NF4")
+FORMATS = ("bf16", "int8", "NF4", "2:4 int8", "2:4 fp8", "2:4 int4")
+NM_FORMATS = {"2:4 int8": "int8", "2:4 fp8": "fp8", "2:4 int4": "int4"}
+
+
+def int4_group(model: nn.Module, largest: int = 128) -> int:
+    """The largest group size <= `largest` dividing the packed row (in_features / 2) of
+    every 2:4 target layer."""
+    import math
+
+    rows = math.gcd(*(m.in_features // 2 for m in rec.targets(model).values()))
+    return max(d for d in range(1, largest + 1) if rows % d == 0)
+
+
 DEFAULT_SPP_LR, DEFAULT_LORA_LR = 3e-2, 3e-3  # benchmarks.recovery_protocol's chosen rates
 
 
-def quantization(fmt: str) -> Any:
+def quantization(fmt: str) -> Any:  # bitsandbytes formats; the 2:4 ones load as bf16
     from transformers import BitsAndBytesConfig
 
     if fmt == "int8":
@@ -80,23 +98,34 @@ def ppl(model: nn.Module, data: dict[str, torch.Tensor], s: dict[str, Any]) -> f
         return rec.heldout_ppl(model, data, s)
 
 
-def spp_run(path: Path, fmt: str, data, s, lr: float, seed: int) -> dict[str, Any]:
+def spp_run(path: Path, fmt: str, data, s, lr: float, seed: int,
+            group: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Base perplexity, then SPP trained and merged: perplexity and zeros."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from spp_kernels.adapters import SPPConfig
 
     model = load(path, fmt)
-    base_ppl = ppl(model, data, s)
     masks = {n: dense_of(m) == 0 for n, m in rec.targets(model).items()}
-    if fmt != "bf16":
+    low_bit = {}
+    if fmt in NM_FORMATS:
+        group = group or int4_group(model)
+        low_bit = dict(weight_format="nm", weight_dtype=NM_FORMATS[fmt], weight_group_size=group)
+    else:
+        base_ppl = ppl(model, data, s)
+    if fmt in ("int8", "NF4"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(seed)
-    spp = get_peft_model(model, SPPConfig(r=rec.SPP_R, dropout=0.0, adapter_dtype="float32"))
+    spp = get_peft_model(model, SPPConfig(r=rec.SPP_R, dropout=0.0, adapter_dtype="float32",
+                                          **low_bit))  # fmt: skip
+    if low_bit:
+        base_ppl = ppl(spp, data, s)  # beta = 0: the quantized base itself
     info = rec.train_method(spp, data["train"], s, lr, seed)
     merged = spp.merge_and_unload().to(torch.bfloat16).eval()
     kept = all(bool((m.weight[masks[n]] == 0).all()) for n, m in rec.targets(merged).items())
-    return {"base_ppl": base_ppl, "ppl": ppl(merged, data, s), "zeros_kept": kept, **info}
+    extra = {"int4_group": group} if fmt == "2:4 int4" else {}
+    return {"base_ppl": base_ppl, "ppl": ppl(merged, data, s), "zeros_kept": kept, **extra,
+            **info}  # fmt: skip
 
 
 def qlora_run(path: Path, data, s, lr: float, seed: int) -> dict[str, Any]:
@@ -146,12 +175,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "|---|---|---:|---:|---|---:|---:|",
     ]  # fmt: skip
     for r in rows:
-        if r.get("kind") == "not-implemented":
-            lines.append(f"| {r['format']} | - | not implemented ({r['why']}) | - | - | - | - |")
-            continue
         base = f"{r['base_ppl']:.2f}" if "base_ppl" in r else "-"
         kept = {True: "yes (bitwise)", False: "NO", None: "by construction"}[r.get("zeros_kept")]
-        lines.append(f"| {r['format']} | {r['method']} | {base} | {r['ppl']:.2f} | {kept} | "
+        fmt = r["format"] + (f" (group {r['int4_group']})" if "int4_group" in r else "")
+        lines.append(f"| {fmt} | {r['method']} | {base} | {r['ppl']:.2f} | {kept} | "
                      f"{r['loss_last']:.3f} | {r['train_seconds']:.0f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -161,11 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spp-lr", type=float, default=DEFAULT_SPP_LR)
     parser.add_argument("--lora-lr", type=float, default=DEFAULT_LORA_LR)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--int4-group", type=int, default=None,
+                        help="kept values per int4 scale (default: the largest <= 128 dividing "
+                        "every packed row)")  # fmt: skip
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help="comma-separated subset of " + ", ".join(FORMATS))  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
     from spp_kernels.pruning import prune
 
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        parser.error(f"--formats: unknown {unknown}; choose from {', '.join(FORMATS)}")
     s = rec.sizes(args.quick)
     if args.quick:
         from tests.helpers import make_tiny_llama
@@ -195,13 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pruned-2-4"
         pruned.save_pretrained(path)
-        for fmt in FORMATS:
-            row = spp_run(path, fmt, data, s, args.spp_lr, args.seed)
+        for fmt in formats:
+            row = spp_run(path, fmt, data, s, args.spp_lr, args.seed, args.int4_group)
             log({"format": fmt, "method": "spp", **row})
-        log({"format": "NF4", "method": "qlora*", "zeros_kept": None,
-             **qlora_run(path, data, s, args.lora_lr, args.seed)})  # fmt: skip
-    log({"kind": "not-implemented", "format": "2:4 int4",
-         "why": "issue 22 part 2: low-bit values in the packed N:M format"})  # fmt: skip
+            if fmt == "NF4":
+                log({"format": "NF4", "method": "qlora*", "zeros_kept": None,
+                     **qlora_run(path, data, s, args.lora_lr, args.seed)})  # fmt: skip
     meta["seconds"] = time.perf_counter() - t0
     log.write()
     (out / f"{stem}.md").write_text(markdown(log.rows, meta))

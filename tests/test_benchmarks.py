@@ -371,9 +371,7 @@ def test_recovery_protocol_quick_runs_grids_seeds_and_paired_differences(tmp_pat
     assert again["ppl"] == row["ppl"] and again["loss_last"] == row["loss_last"]
 
 
-def test_lowbit_quality_quick_trains_every_bitsandbytes_format_and_keeps_zeros(
-    tmp_path, keep_threads
-):
+def test_lowbit_quality_quick_trains_every_low_bit_format_and_keeps_zeros(tmp_path, keep_threads):
     pytest.importorskip("bitsandbytes")
     from benchmarks import lowbit_quality
 
@@ -381,6 +379,24 @@ def test_lowbit_quality_quick_trains_every_bitsandbytes_format_and_keeps_zeros(
     (result,) = tmp_path.glob("lowbit-quality-*.json")
     rows = json.loads(result.read_text())["rows"]
     spp = {r["format"]: r for r in rows if r.get("method") == "spp"}
-    assert set(spp) == {"bf16", "int8", "NF4"} and all(r["zeros_kept"] for r in spp.values())
+    assert set(spp) == set(lowbit_quality.FORMATS)
+    assert all(r["zeros_kept"] for r in spp.values())
+    assert spp["2:4 int4"]["int4_group"] == 64  # tiny model: packed rows of 64 and 128
     assert any(r.get("method") == "qlora*" for r in rows)
-    assert "not implemented" in (tmp_path / result.name.replace(".json", ".md")).read_text()
+    assert "2:4 int4 (group 64)" in (tmp_path / result.name.replace(".json", ".md")).read_text()
+
+
+def test_lowbit_step_rows_for_every_format_and_the_ratio_table(keep_threads):
+    """bench_lowbit (issue 22 part 5): one step per low-bit base format and LoRA on the same
+    base, at both dropout rates; the table gives ratios to 2:4 bf16 and to LoRA."""
+    from benchmarks import bench_lowbit
+
+    rows = list(bench_lowbit.run(quick=True, device="cpu"))
+    providers = {r["provider"] for r in rows}
+    expected = {"2:4 bf16", *(f"2:4 {f}" for f in bench_lowbit.LOW_BIT),
+                *(f"lora 2:4 {f}" for f in bench_lowbit.LOW_BIT)}  # fmt: skip
+    assert expected <= providers
+    assert {r["x_value"] for r in rows} == set(bench_lowbit.DROPOUTS)
+    assert all(r["median"] > 0 and r["extra"]["shape"] == [256, 256] for r in rows)
+    table = bench_lowbit.ratio_table(rows)
+    assert "| 256 x 256 | 0.0 | 2:4 int4 |" in table and "1.00x" in table
