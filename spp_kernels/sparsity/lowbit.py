@@ -253,11 +253,6 @@ class QuantizedPackedWeight:
         """The dense (m, n) weight, decoded (a new tensor)."""
         return self.rows(0, self.shape[0])
 
-    def dequantized(self) -> PackedWeight:
-        """The weight as a float PackedWeight in `dtype` (same metadata)."""
-        values = self.kept_values(0, self.shape[0])
-        return PackedWeight(values, self.meta, self.n_keep, self.group, self.in_features)
-
     def to(self, *args, **kwargs) -> QuantizedPackedWeight:
         """Like Tensor.to: a dtype sets the compute dtype (the codes never change), a device
         moves codes, scales and meta."""

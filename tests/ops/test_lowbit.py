@@ -234,3 +234,12 @@ def test_layer_keeps_codes_and_scales_through_model_casts_and_state_dicts():
     other.load_state_dict(layer.state_dict())
     assert torch.equal(other(x), y)
     assert "weight_dtype=int4, group_size=64" in repr(layer)
+    # from a PackedLinear (values already packed): the same codes as from the dense layer
+    from spp_kernels.sparsity.packed import PackedLinear
+
+    again = QuantizedPackedLinear.from_linear(
+        PackedLinear.from_linear(linear, 2, 4), 2, 4, "int4", 64
+    )
+    direct = QuantizedPackedLinear.from_linear(linear, 2, 4, "int4", 64)
+    assert torch.equal(again.weight_codes, direct.weight_codes)
+    assert torch.equal(again.weight_scales, direct.weight_scales)
