@@ -114,6 +114,14 @@ class SppLowbitQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        # A scale that is not finite would turn every output of its layer into NaN or inf:
+        # name the file's layer now (codes cannot be out of range; the metadata is checked
+        # where rows are decoded).
+        source = getattr(getattr(model, "config", None), "_name_or_path", "") or "checkpoint"
+        for name in self.quantization_config.modules:
+            scales = model.get_submodule(name).weight_scales
+            if scales.device.type != "meta" and not bool(torch.isfinite(scales).all()):
+                raise ValueError(f"{source}: {name}.weight_scales holds non-finite values")
         return model
 
     def is_serializable(self) -> bool:

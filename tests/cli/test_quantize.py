@@ -99,3 +99,21 @@ def test_bad_input_is_refused_before_out_holds_anything(models, tmp_path, capsys
     assert_user_error(capsys, "cannot be quantized, nothing changed; first: model.layers.0", "quantize", "--model",
                       models / "dense", "--out", out, "--weight-dtype", "int8")  # fmt: skip
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_checkpoint_with_non_finite_scales_is_refused_naming_the_layer(quantized, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    bad = tmp_path / "bad"
+    shutil.copytree(quantized, bad)
+    tensors = load_file(bad / "model.safetensors")
+    key = "model.layers.1.mlp.up_proj.weight_scales"
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"bad: model\.layers\.1\.mlp\.up_proj\.weight_scales holds non-finite"
+    ):
+        AutoModelForCausalLM.from_pretrained(bad)
