@@ -21,6 +21,17 @@ def check_rows_kept(model: Any, what: str) -> None:
             )
 
 
+def check_float_weights(model: Any, what: str, path: Any) -> None:
+    """UserError when the model's projections hold low-bit N:M codes (a `spp quantize`
+    directory): `what` needs the float weights."""
+    quantized = getattr(getattr(model, "config", None), "quantization_config", None)
+    if getattr(quantized, "quant_method", None) == "spp_nm_lowbit":
+        raise UserError(
+            f"{what}: model {path} holds {quantized.weight_dtype} N:M codes (written by spp "
+            "quantize); give the float pruned model (or one merged by spp merge)"
+        )
+
+
 def check_finite_model(model: Any, what: str) -> None:
     """UserError naming the first parameter with non-finite values (and the count)."""
     from ..utils.hf import check_finite_parameters

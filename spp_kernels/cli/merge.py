@@ -61,6 +61,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     with outdir.owned_output(args.out, args.force, {"--model": args.model}) as out:
         model, tokenizer = models.load_model(args.model)
+        checks.check_float_weights(model, "export-2to4", args.model)
         checks.check_finite_model(model, "export-2to4")
         masks = models.zero_masks(model)
         bad = {

@@ -26,6 +26,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     with outdir.owned_output(args.out, args.force, sources) as out:
         device = models.resolve_device(args.device)
         model, tokenizer = models.load_model(args.model, device=device)
+        checks.check_float_weights(model, "prune", args.model)
         calibration, nsamples, seqlen = _calibration(args, model, tokenizer)
         t0 = time.perf_counter()
         try:

@@ -22,6 +22,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with outdir.owned_output(args.out, args.force, {"--model": args.model}) as out:
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         model, tokenizer = models.load_model(args.model, dtype=dtype)
+        checks.check_float_weights(model, "quantize", args.model)
         checks.check_finite_model(model, "quantize")
         targets = models.target_linears(model)
         dense_bytes = sum(m.weight.numel() * 2 for m in targets.values())  # as bf16

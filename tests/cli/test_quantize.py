@@ -117,3 +117,17 @@ def test_a_checkpoint_with_non_finite_scales_is_refused_naming_the_layer(quantiz
         ValueError, match=r"bad: model\.layers\.1\.mlp\.up_proj\.weight_scales holds non-finite"
     ):
         AutoModelForCausalLM.from_pretrained(bad)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("prune", "--method", "magnitude", "--sparsity", "2:4"), ("export-2to4",),
+     ("quantize", "--weight-dtype", "int8")],
+    ids=lambda a: a[0],
+)  # fmt: skip
+def test_commands_that_need_float_weights_refuse_a_quantized_model(quantized, argv, tmp_path,
+                                                                   capsys):  # fmt: skip
+    out = tmp_path / "out"
+    assert_user_error(capsys, "holds int4 N:M codes (written by spp quantize)", argv[0],
+                      "--model", quantized, "--out", out, *argv[1:])  # fmt: skip
+    assert not out.exists() or not any(out.iterdir())
