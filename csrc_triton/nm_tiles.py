@@ -142,8 +142,6 @@ def nm_dense_tile(
         tl.static_assert(GROUPS * M == BLOCK_C, "tile width must be a multiple of M")
         group = col0 // M + tl.arange(0, GROUPS)
         group_ok = rows_ok[:, None] & (group * M < n)[None, :]
-        value_cols = col0 // M * N + tl.arange(0, GROUPS * N)
-        value_ok = rows_ok[:, None] & (value_cols < n // M * N)[None, :]
         # 2:4-style int4 (N == 2): a group's two kept codes are exactly one byte
         PAIRED: tl.constexpr = VALUES == 3 and N == 2
         if PAIRED:
@@ -153,6 +151,8 @@ def nm_dense_tile(
                 other=0,
             ).to(tl.int32)
         else:
+            value_cols = col0 // M * N + tl.arange(0, GROUPS * N)
+            value_ok = rows_ok[:, None] & (value_cols < n // M * N)[None, :]
             vals = _load_values(
                 values_ptr, rows64[:, None] * stride_values, value_cols[None, :], value_ok, VALUES
             )

@@ -116,7 +116,9 @@ def dispatch_lowbit(
         )
     from .lowbit_layer import SPPQuantizedPackedLinear
 
-    return SPPQuantizedPackedLinear(target, adapter_name, config)
+    layer = SPPQuantizedPackedLinear(target, adapter_name, config)
+    layer.loaded_quantized = True
+    return layer
 
 
 def dispatch_dense(

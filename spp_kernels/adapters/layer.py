@@ -308,6 +308,17 @@ class SPPLayer(BaseTunerLayer):
         self.merged_adapters.extend(names)
         return self.base_layer
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's hook
+        # The frozen storage kept aside while merged lives outside the module tree: it follows
+        # the layer's moves and casts, so that unmerge() restores it where the layer now is.
+        super()._apply(fn, recurse)
+        if isinstance(self._unmerged, torch.Tensor):
+            self._unmerged = fn(self._unmerged)
+        elif isinstance(self._unmerged, tuple):
+            for module in self._unmerged:
+                module._apply(fn, recurse)
+        return self
+
     @torch.no_grad()
     def checked_merge(self, names: list[str], where: str = "") -> torch.Tensor:
         """The dense (m, n) weight with adapters `names` merged on top of those already

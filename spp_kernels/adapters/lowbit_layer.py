@@ -7,7 +7,8 @@ decode its tiles in registers, the torch backend and the chunked path bounded ro
 Merging replaces the base by a float `PackedLinear` (same metadata) holding
 W * (1 + sum_k scale_k alpha_k[g] beta_k) with W decoded in the compute dtype (zeros kept
 bitwise); the quantized base is kept aside, so `unmerge()` restores the same object, and
-unloading gives a plain nn.Linear with the decoded (merged) weight.
+unloading gives a plain nn.Linear with the decoded (merged) weight (unmerged, a base loaded
+with its codes is given back as it is).
 """
 
 from __future__ import annotations
@@ -82,7 +83,14 @@ class SPPQuantizedPackedLinear(SPPLinear):
     def _dense_of(self, storage: tuple[nn.Module]) -> torch.Tensor:
         return storage[0].dense_weight()
 
+    # True for a layer over a base loaded with its codes (spp quantize: dispatch_lowbit):
+    # unloading unmerged gives that base back, as the checkpoint's config still describes it.
+    # A base quantized while wrapping a float layer unloads to the decoded nn.Linear instead.
+    loaded_quantized = False
+
     def _unloaded_base(self) -> nn.Module:
+        if self.loaded_quantized and not self.merged:
+            return self.base_layer
         return _linear(self.base_layer.dense_weight(), self.base_layer.bias, self.training)
 
     def sparsity(self) -> float:

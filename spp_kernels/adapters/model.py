@@ -277,6 +277,11 @@ class SPPTuner(BaseTuner):
                     check_value_format(config.weight_dtype, config.weight_group_size,
                                        pattern[0], module.in_features // pattern[1] * pattern[0],
                                        f"SPP: {name}")  # fmt: skip
+                    if not bool(torch.isfinite(module.weight).all()):
+                        raise ValueError(
+                            f"SPP: {name}: the weight has non-finite values; it cannot be "
+                            f"quantized to {config.weight_dtype}"
+                        )
         if config.base_fingerprint is not None and not config.allow_other_base:
             check_fingerprint(config.base_fingerprint, targets)
         super().inject_adapter(
@@ -418,6 +423,13 @@ class SPPTuner(BaseTuner):
         from .lowbit_layer import finish_decoded
 
         finish_dequantized(model)
+        finish_decoded(model)
+        return model
+
+    def unload(self) -> nn.Module:
+        model = super().unload()
+        from .lowbit_layer import finish_decoded
+
         finish_decoded(model)
         return model
 

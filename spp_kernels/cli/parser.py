@@ -237,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "on it and `spp merge` merges into its decoded weights.")  # fmt: skip
     p.add_argument("--model", required=True, help="N:M-pruned HF model directory")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--weight-dtype", required=True, choices=("int8", "int4", "fp8"),
-                   help="int8 / fp8: one scale per row; int4: one per --weight-group-size")  # fmt: skip
     from ..utils.hyperparameters import AdapterOptions, default
+
+    dtypes = next(f for f in dataclasses.fields(AdapterOptions) if f.name == "weight_dtype")
+    p.add_argument("--weight-dtype", required=True, choices=dtypes.metadata["choices"],
+                   help="int8 / fp8: one scale per row; int4: one per --weight-group-size")  # fmt: skip
 
     p.add_argument("--weight-group-size", type=_positive_int,
                    default=default(AdapterOptions, "weight_group_size"),

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from . import checks, models, outdir
 from .output import UserError, emit, format_table
-
-log = logging.getLogger(__name__)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

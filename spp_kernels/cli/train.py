@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator
@@ -119,12 +120,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if bits and (args.fsdp or deepspeed is not None):
         raise UserError(f"--load-in-{bits}bit trains on one process per GPU (DDP); it does not "
                         "combine with --fsdp or --deepspeed")  # fmt: skip
-    if args.weight_dtype is not None and bits:
-        raise UserError(f"--weight-dtype stores float N:M values as low-bit codes; the base is "
-                        f"already quantized by --load-in-{bits}bit: choose one")  # fmt: skip
-    if args.weight_dtype is not None and (args.fsdp or deepspeed is not None):
-        raise UserError("--weight-dtype trains on one process per GPU (DDP); it does not "
-                        "combine with --fsdp or --deepspeed")  # fmt: skip
+    codes = _stored_low_bit(args.model)
+    low_bit = "--weight-dtype" if args.weight_dtype is not None else codes
+    if low_bit and bits:
+        raise UserError(f"{low_bit}: the N:M values are low-bit codes; the base cannot also be "
+                        f"quantized by --load-in-{bits}bit: choose one")  # fmt: skip
+    if low_bit and (args.fsdp or deepspeed is not None):
+        raise UserError(f"{low_bit}: low-bit N:M codes train on one process per GPU (DDP); "
+                        "they do not combine with --fsdp or --deepspeed")  # fmt: skip
     if not is_main:
         args.quiet = True  # logs and progress bars on rank 0 only
         logging.getLogger("spp_kernels").setLevel(logging.WARNING)
@@ -185,7 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"{first_line(e)} (use the original options)") from None
         except NonFiniteError as e:
             raise UserError(str(e)) from None
-        _check_zeros_kept(masks)
+        _check_zeros_kept(model, masks)
         spp.save_pretrained(out)  # gathers FSDP2 / ZeRO-3 shards on every rank; rank 0 writes
         # No rank may exit before rank 0 has written: a launcher stops the other processes
         # as soon as one exits with a non-zero status (a signalled run exits 128 + signal).
@@ -286,19 +289,26 @@ def _deepspeed_config(path: str | None) -> str | None:
     return str(p)
 
 
-def _zero_masks(model: Any) -> dict[str, tuple[Any, tuple[int, ...], str]]:
-    """{name: (layer, shape, digest of its zero mask)} of the targeted layers, before SPP:
-    a 32-byte digest per layer instead of a mask (a 70B's masks would be 64 GB). For a
-    bitsandbytes layer, or one with low-bit N:M codes (`spp quantize`), the digest is of its
-    codes: the check then says the frozen codes are unchanged, which keeps the zeros they
-    decode to."""
-    return {n: (m, tuple(_frozen_tensor(m).shape), _zeros_digest(_frozen_tensor(m))) for n, m in
-            target_linears(model).items()}  # fmt: skip
+def _zero_masks(model: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, digest of its zero mask)} of the targeted layers, before SPP: a 32-byte
+    digest per layer instead of a mask (a 70B's masks would be 64 GB), and no reference to
+    the layer (SPP may replace it by a packed or quantized one: the old weights must go).
+    For a bitsandbytes layer, or one with low-bit N:M codes (`spp quantize`), the digest is
+    of its codes: the check then says the frozen codes are unchanged, which keeps the
+    zeros they decode to."""
+    out = {}
+    for name, layer in target_linears(model).items():
+        frozen = _frozen_tensor(layer)
+        out[name] = (tuple(frozen.shape), _zeros_digest(frozen))
+    return out
 
 
 def _frozen_tensor(layer: Any) -> Any:
-    """The tensor holding a target layer's frozen weight: its weight, or its low-bit codes."""
-    return layer.weight if layer.weight is not None else layer.weight_codes
+    """The tensor holding a layer's frozen weight: its weight, or its low-bit codes (None
+    for a packed layer, whose values are not the dense weight)."""
+    if getattr(layer, "weight", None) is not None:
+        return layer.weight
+    return getattr(layer, "weight_codes", None)
 
 
 def _zeros_digest(weight: Any) -> str:
@@ -311,13 +321,19 @@ def _zeros_digest(weight: Any) -> str:
     return hashlib.sha256(np.packbits(zeros).tobytes()).hexdigest()
 
 
-def _check_zeros_kept(masks: dict[str, tuple[Any, tuple[int, ...], str]]) -> None:
-    """Sparsity check after training: the zero mask of every frozen weight is unchanged
-    (bitwise, by digest). FSDP2 shards are gathered (every rank calls this, in the same
-    order); a layer whose dense weight is no longer held (packed N:M, DeepSpeed ZeRO-3
-    partitions) keeps its zeros by construction."""
-    for name, (layer, shape, digest) in masks.items():
-        weight = _frozen_tensor(layer).detach()
+def _check_zeros_kept(model: Any, masks: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """Sparsity check after training: the zero mask of every frozen weight of `model` (the
+    SPP-wrapped model's base) is unchanged (bitwise, by digest). FSDP2 shards are gathered
+    (every rank calls this, in the same order); a layer whose dense weight is no longer
+    held (packed N:M, quantized into N:M codes while wrapping, DeepSpeed ZeRO-3 partitions)
+    keeps its zeros by construction."""
+    for name, (shape, digest) in masks.items():
+        layer = model.get_submodule(name)
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        weight = _frozen_tensor(layer)
+        if weight is None:
+            continue
+        weight = weight.detach()
         full = getattr(weight, "full_tensor", None)
         weight = full() if callable(full) else weight
         if tuple(weight.shape) != shape:
@@ -326,14 +342,29 @@ def _check_zeros_kept(masks: dict[str, tuple[Any, tuple[int, ...], str]]) -> Non
             raise UserError(f"training changed the zeros of {name}: sparsity was lost")
 
 
+def _stored_low_bit(model: str) -> str | None:
+    """'--model X (spp quantize)' when the model directory's config.json names the low-bit
+    N:M format (read as JSON, nothing loaded), else None."""
+    path = Path(model) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # not a directory, or its config: load_model names the problem
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "spp_nm_lowbit":
+        return f"--model {model} (spp quantize)"
+    return None
+
+
 def _quantization_name(args: argparse.Namespace, model: Any = None) -> str | None:
     """The frozen base's quantized format in the result: bitsandbytes' ('nf4', 'fp4',
     'int8'), low-bit N:M values ('nm-int8', 'nm-fp8', 'nm-int4': --weight-dtype, or a base
     written by `spp quantize`), or None."""
-    stored = getattr(getattr(getattr(model, "config", None), "quantization_config", None),
-                     "weight_dtype", None)  # fmt: skip
-    if args.weight_dtype is not None or stored is not None:
-        return f"nm-{args.weight_dtype or stored}"
+    stored = getattr(getattr(model, "config", None), "quantization_config", None)
+    if getattr(stored, "quant_method", None) == "spp_nm_lowbit":
+        return f"nm-{stored.weight_dtype}"
+    if args.weight_dtype is not None:
+        return f"nm-{args.weight_dtype}"
     if args.load_in_4bit:
         return args.quant_type or "nf4"
     return "int8" if args.load_in_8bit else None

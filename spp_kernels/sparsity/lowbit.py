@@ -308,6 +308,11 @@ class QuantizedPackedLinear(torch.nn.Module):
         anything is made when the weight or the format does not fit."""
         if hasattr(linear, "packed_weight"):
             packed = linear.packed_weight()
+            if packed.nm != (n_keep, group):
+                raise ValueError(
+                    f"{name or 'QuantizedPackedLinear'}: the packed layer is "
+                    f"{packed.n_keep}:{packed.group}, not {n_keep}:{group}"
+                )
             weight = QuantizedPackedWeight.from_packed(packed, value_format, group_size,
                                                        name=name)  # fmt: skip
         else:
@@ -347,20 +352,16 @@ class QuantizedPackedLinear(torch.nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's hook
         # Module casts (.to(dtype), .half(), .bfloat16()) convert floating tensors only: the
-        # float scales and fp8 codes go through as integer views, so only their device moves;
-        # a float probe carries the cast over to the compute dtype.
-        held = {}
-        for key in ("weight_codes", "weight_scales"):
-            t = self._buffers[key]
-            if t is not None and t.is_floating_point():
-                held[key] = t.dtype
-                self._buffers[key] = t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+        # float scales go through as integer views, so only their device moves; a float
+        # probe carries the cast over to the compute dtype.
         probe = fn(torch.empty((), dtype=self.compute_dtype, device=self.weight_meta.device))
+        scales = self._buffers["weight_scales"]
+        bits = torch.int16 if scales.element_size() == 2 else torch.int32
+        self._buffers["weight_scales"] = scales.view(bits)
         try:
             super()._apply(fn, recurse)
         finally:
-            for key, dtype in held.items():
-                self._buffers[key] = self._buffers[key].view(dtype)
+            self._buffers["weight_scales"] = self._buffers["weight_scales"].view(scales.dtype)
         if isinstance(probe, Tensor) and probe.is_floating_point():
             self.compute_dtype = probe.dtype
         return self

@@ -72,9 +72,14 @@ class SppLowbitConfig(QuantizationConfigMixin):
             and isinstance(v, (list, tuple))
             and len(v) == 2
             and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            and v[1] in (4, 8)
+            and 1 <= v[0] < v[1]
             for k, v in modules.items()
         ):
-            raise ValueError(f"{QUANT_METHOD}: modules must map module names to [N, M]")
+            raise ValueError(
+                f"{QUANT_METHOD}: modules must map module names to [N, M] with M in (4, 8) "
+                "and 1 <= N < M"
+            )
         self.format_version = format_version
         self.weight_dtype = weight_dtype
         self.group_size = group_size
@@ -92,7 +97,7 @@ class SppLowbitQuantizer(HfQuantizer):
     requires_calibration = True  # only checkpoints written by `spp quantize`
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        from .lowbit import QuantizedPackedLinear
+        from .lowbit import QuantizedPackedLinear, check_value_format
 
         config = self.quantization_config
         for name, (n_keep, group) in config.modules.items():
@@ -104,6 +109,9 @@ class SppLowbitQuantizer(HfQuantizer):
                 raise ValueError(
                     f"{QUANT_METHOD}: {name} is a {type(linear).__name__}, not an nn.Linear"
                 )
+            kept = linear.in_features // group * n_keep
+            check_value_format(config.weight_dtype, config.group_size, n_keep, kept,
+                               f"{QUANT_METHOD}: {name}")  # fmt: skip
             layer = QuantizedPackedLinear.empty(
                 linear.in_features, linear.out_features, linear.bias is not None, n_keep, group,
                 config.weight_dtype, config.group_size, dtype=linear.weight.dtype,
@@ -118,10 +126,17 @@ class SppLowbitQuantizer(HfQuantizer):
         # name the file's layer now (codes cannot be out of range; the metadata is checked
         # where rows are decoded).
         source = getattr(getattr(model, "config", None), "_name_or_path", "") or "checkpoint"
+        fp8 = self.quantization_config.weight_dtype == "fp8"
         for name in self.quantization_config.modules:
-            scales = model.get_submodule(name).weight_scales
-            if scales.device.type != "meta" and not bool(torch.isfinite(scales).all()):
+            layer = model.get_submodule(name)
+            if layer.weight_scales.device.type == "meta":
+                continue
+            if not bool(torch.isfinite(layer.weight_scales).all()):
                 raise ValueError(f"{source}: {name}.weight_scales holds non-finite values")
+            # e4m3's NaN codes (0x7F, 0xFF) are never written by spp quantize; the kernels
+            # would read them as numbers
+            if fp8 and bool(((layer.weight_codes & 0x7F) == 0x7F).any()):
+                raise ValueError(f"{source}: {name}.weight_codes holds fp8 NaN codes")
         return model
 
     def is_serializable(self) -> bool:

@@ -158,3 +158,28 @@ def test_bad_input_is_refused_before_the_model_changes():
     dense = make_tiny_llama()
     with pytest.raises(ValueError, match="not N:M sparse"):
         get_spp_model(dense, config("int8"))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"SPP: model\.layers\.1\.mlp\.up_proj: the weight has non-finite"
+    ):
+        get_spp_model(model, config("int8"))
+    assert not any(isinstance(m, SPPLinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt", ["int8", None], ids=["int8 N:M", "dense"])
+def test_a_merged_layer_cast_or_moved_unmerges_where_it_now_is(fmt):
+    """The frozen storage kept aside while merged follows model.to(): unmerge() then
+    restores it in the model's new dtype (the quantized base's compute dtype, or W's)."""
+    model = pruned_llama()
+    spp = get_spp_model(model, config(fmt) if fmt else SPPConfig(r=4, init="both_random",
+                                                                  dropout=0.0))  # fmt: skip
+    spp.merge_adapter()
+    spp.to(torch.float64)
+    spp.unmerge_adapter()
+    layer = spp.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.dense_weight().dtype == torch.float64
+    out = spp(input_ids=torch.randint(0, 128, (1, 6))).logits
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,52 @@ def test_commands_that_need_float_weights_refuse_a_quantized_model(quantized, ar
     assert_user_error(capsys, "holds int4 N:M codes (written by spp quantize)", argv[0],
                       "--model", quantized, "--out", out, *argv[1:])  # fmt: skip
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_train_refuses_to_quantize_or_shard_a_quantized_base_again(models, quantized, tmp_path,
+                                                                   capsys):  # fmt: skip
+    out = tmp_path / "run"
+    base = ("train", "--model", quantized, "--data", models / "text.txt", "--out", out)
+    assert_user_error(capsys, "cannot also be quantized by --load-in-4bit", *base,
+                      "--load-in-4bit")  # fmt: skip
+    config = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero2.json"
+    assert_user_error(capsys, "do not combine with --fsdp or --deepspeed", *base, "--deepspeed",
+                      config)  # fmt: skip
+    assert not out.exists()
+
+
+def test_unload_gives_a_loaded_quantized_base_back(quantized):
+    from transformers import AutoModelForCausalLM
+
+    from spp_kernels import SPPConfig, get_spp_model
+    from spp_kernels.sparsity.lowbit import QuantizedPackedLinear
+
+    model = AutoModelForCausalLM.from_pretrained(quantized)
+    base = model.model.layers[0].mlp.up_proj
+    plain = get_spp_model(model, SPPConfig(r=4)).unload()
+    assert plain.model.layers[0].mlp.up_proj is base
+    assert isinstance(base, QuantizedPackedLinear)
+    assert plain.config.quantization_config.quant_method == "spp_nm_lowbit"  # still true
+
+
+def test_fp8_nan_codes_and_bad_patterns_in_a_checkpoint_are_refused(models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from spp_kernels.cli import main
+    from spp_kernels.sparsity.lowbit_hf import SppLowbitConfig
+
+    out = tmp_path / "q-fp8"
+    assert main(["quantize", "--model", str(models / "pruned"), "--out", str(out),
+                 "--weight-dtype", "fp8", "--quiet"]) == 0  # fmt: skip
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.weight_codes"][1, 2] = 0x7F
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"o_proj\.weight_codes holds fp8 NaN codes"):
+        AutoModelForCausalLM.from_pretrained(bad)
+    with pytest.raises(ValueError, match="with M in"):
+        SppLowbitConfig(weight_dtype="int8", modules={"model.layers.0.mlp.up_proj": [2, 0]})

@@ -144,11 +144,12 @@ def test_the_sparsity_check_after_training_sees_one_changed_zero():
     with torch.no_grad():
         layer.weight[:, ::2] = 0
     masks = _zero_masks(model)
-    _check_zeros_kept(masks)  # unchanged: passes
+    assert all(isinstance(v, tuple) and len(v) == 2 for v in masks.values())  # no layer held
+    _check_zeros_kept(model, masks)  # unchanged: passes
     with torch.no_grad():
         layer.weight[3, 4] = 1.0
     with pytest.raises(UserError, match="changed the zeros of model.layers.0.self_attn.q_proj"):
-        _check_zeros_kept(masks)
+        _check_zeros_kept(model, masks)
 
 
 def test_quiet_commands_print_no_deepspeed_accelerator_warning(models, tmp_path):
@@ -230,7 +231,7 @@ def test_low_bit_nm_values_refusals_come_before_out_changes(models, tmp_path, ca
     out = tmp_path / "run"
     assert_user_error(capsys, "set weight_format='nm'", *train_argv(models, out,
                       "--weight-dtype", "int8"))  # fmt: skip
-    assert_user_error(capsys, "already quantized by --load-in-4bit", *train_argv(
+    assert_user_error(capsys, "cannot also be quantized by --load-in-4bit", *train_argv(
         models, out, "--weight-format", "nm", "--weight-dtype", "int8", "--load-in-4bit"))  # fmt: skip
     assert not out.exists()
     # found once the model is loaded: --out holds nothing
