@@ -100,6 +100,16 @@ def dispatch_bnb(
     return SPPBnbLinear(target, adapter_name, config)
 
 
+def check_loaded_codes(target: nn.Module, config: SPPConfig, name: str = "the layer") -> None:
+    """ValueError when `config.weight_dtype` asks a base that holds low-bit N:M codes
+    already (a QuantizedPackedLinear) for another format."""
+    if config.weight_dtype not in (None, target.value_format):
+        raise ValueError(
+            f"SPP: {name} holds {target.value_format} N:M values already; "
+            f"weight_dtype={config.weight_dtype!r} cannot change them (leave it unset)"
+        )
+
+
 def dispatch_lowbit(
     target: nn.Module, adapter_name: str, config: SPPConfig, **kwargs: Any
 ) -> SPPLinear | None:
@@ -109,11 +119,7 @@ def dispatch_lowbit(
 
     if not isinstance(target, QuantizedPackedLinear):
         return None
-    if config.weight_dtype not in (None, target.value_format):
-        raise ValueError(
-            f"SPP: the layer holds {target.value_format} N:M values already; "
-            f"weight_dtype={config.weight_dtype!r} cannot change them (leave it unset)"
-        )
+    check_loaded_codes(target, config)
     from .lowbit_layer import SPPQuantizedPackedLinear
 
     layer = SPPQuantizedPackedLinear(target, adapter_name, config)

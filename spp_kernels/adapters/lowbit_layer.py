@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..ops.operand import zero_fraction
-from ..sparsity.lowbit import QuantizedPackedLinear, QuantizedPackedWeight
+from ..sparsity.lowbit import QuantizedPackedLinear, QuantizedPackedWeight, stored_value_format
 from ..sparsity.nm import nm_gather_values
 from ..sparsity.packed import PackedLinear, PackedWeight
 from .layer import SPPLinear, _linear
@@ -104,9 +104,7 @@ def finish_decoded(model: nn.Module) -> None:
     no longer marked quantized (transformers' `remove_quantization_config`), so
     save_pretrained writes a plain model."""
     config = getattr(model, "config", None)
-    q = getattr(config, "quantization_config", None)
-    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
-    if method != "spp_nm_lowbit":
+    if stored_value_format(config) is None:
         return
     if any(isinstance(m, QuantizedPackedLinear) for m in model.modules()):
         return

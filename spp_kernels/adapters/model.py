@@ -37,7 +37,7 @@ from ..sparsity.lowbit import QuantizedPackedLinear, check_value_format
 from ..sparsity.packed import PackedLinear
 from ..utils.hf import check_finite
 from .config import ALL_LINEAR, LLAMA_TARGET_MODULES, SPPConfig
-from .dispatch import _packing_pattern, new_layer
+from .dispatch import _packing_pattern, check_loaded_codes, new_layer
 from .layer import SPPLinear
 from .registration import PREFIX
 
@@ -250,11 +250,7 @@ class SPPTuner(BaseTuner):
             if config.r > out_features:
                 raise ValueError(f"SPP: r={config.r} exceeds out_features={out_features} of {name}")
             if isinstance(module, QuantizedPackedLinear):
-                if config.weight_dtype not in (None, module.value_format):
-                    raise ValueError(
-                        f"SPP: {name} holds {module.value_format} N:M values already; "
-                        f"weight_dtype={config.weight_dtype!r} cannot change them (leave it unset)"
-                    )
+                check_loaded_codes(module, config, name)
             elif is_bnb_layer(module):
                 try:
                     BnbWeight.check_layer(module)

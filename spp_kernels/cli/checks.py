@@ -24,10 +24,12 @@ def check_rows_kept(model: Any, what: str) -> None:
 def check_float_weights(model: Any, what: str, path: Any) -> None:
     """UserError when the model's projections hold low-bit N:M codes (a `spp quantize`
     directory): `what` needs the float weights."""
-    quantized = getattr(getattr(model, "config", None), "quantization_config", None)
-    if getattr(quantized, "quant_method", None) == "spp_nm_lowbit":
+    from ..sparsity.lowbit import stored_value_format
+
+    value_format = stored_value_format(getattr(model, "config", None))
+    if value_format is not None:
         raise UserError(
-            f"{what}: model {path} holds {quantized.weight_dtype} N:M codes (written by spp "
+            f"{what}: model {path} holds {value_format} N:M codes (written by spp "
             "quantize); give the float pruned model (or one merged by spp merge)"
         )
 

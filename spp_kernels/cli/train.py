@@ -345,13 +345,14 @@ def _check_zeros_kept(model: Any, masks: dict[str, tuple[tuple[int, ...], str]])
 def _stored_low_bit(model: str) -> str | None:
     """'--model X (spp quantize)' when the model directory's config.json names the low-bit
     N:M format (read as JSON, nothing loaded), else None."""
+    from ..sparsity.lowbit import stored_value_format
+
     path = Path(model) / "config.json"
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return None  # not a directory, or its config: load_model names the problem
-    quantization = config.get("quantization_config") if isinstance(config, dict) else None
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "spp_nm_lowbit":
+    if stored_value_format(config) is not None:
         return f"--model {model} (spp quantize)"
     return None
 
@@ -360,11 +361,11 @@ def _quantization_name(args: argparse.Namespace, model: Any = None) -> str | Non
     """The frozen base's quantized format in the result: bitsandbytes' ('nf4', 'fp4',
     'int8'), low-bit N:M values ('nm-int8', 'nm-fp8', 'nm-int4': --weight-dtype, or a base
     written by `spp quantize`), or None."""
-    stored = getattr(getattr(model, "config", None), "quantization_config", None)
-    if getattr(stored, "quant_method", None) == "spp_nm_lowbit":
-        return f"nm-{stored.weight_dtype}"
-    if args.weight_dtype is not None:
-        return f"nm-{args.weight_dtype}"
+    from ..sparsity.lowbit import stored_value_format
+
+    stored = stored_value_format(getattr(model, "config", None))
+    if stored is not None or args.weight_dtype is not None:
+        return f"nm-{stored or args.weight_dtype}"
     if args.load_in_4bit:
         return args.quant_type or "nf4"
     return "int8" if args.load_in_8bit else None

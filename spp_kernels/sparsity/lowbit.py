@@ -28,6 +28,7 @@ in int4 takes about 19 % of its dense bf16 bytes, metadata included.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,6 +39,9 @@ Tensor = torch.Tensor
 
 VALUE_FORMATS = ("int8", "int4", "fp8")
 DEFAULT_GROUP_SIZE = 128
+# transformers' quant_method of a `spp quantize` checkpoint (= lowbit_hf.QUANT_METHOD, which
+# does not import this module: it runs while transformers itself is being imported)
+QUANT_METHOD = "spp_nm_lowbit"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _QMAX = {"int8": 127.0, "int4": 7.0, "fp8": FP8_MAX}
 
@@ -399,6 +403,22 @@ def _empty_weight(
     group_size = group_size if value_format == "int4" else 0
     return QuantizedPackedWeight(codes, scales, meta, n_keep, group, n, value_format, group_size,
                                  dtype)  # fmt: skip
+
+
+def stored_value_format(config: Any) -> str | None:
+    """The value format ("int8", "fp8", "int4") a model config names when it is a `spp
+    quantize` checkpoint's (a transformers config, or config.json read as a dict), else
+    None."""
+    if isinstance(config, dict):
+        quantization = config.get("quantization_config")
+    else:
+        quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        method, value_format = quantization.get("quant_method"), quantization.get("weight_dtype")
+    else:
+        method = getattr(quantization, "quant_method", None)
+        value_format = getattr(quantization, "weight_dtype", None)
+    return value_format if method == QUANT_METHOD else None
 
 
 def quantize_model(

@@ -154,6 +154,10 @@ def test_unload_gives_a_loaded_quantized_base_back(quantized):
 
     model = AutoModelForCausalLM.from_pretrained(quantized)
     base = model.model.layers[0].mlp.up_proj
+    other = SPPConfig(r=4, weight_format="nm", weight_dtype="int8")
+    with pytest.raises(ValueError, match="self_attn.q_proj holds int4 N:M values already"):
+        get_spp_model(model, other)  # refused before any layer changes
+    assert model.model.layers[0].mlp.up_proj is base
     plain = get_spp_model(model, SPPConfig(r=4)).unload()
     assert plain.model.layers[0].mlp.up_proj is base
     assert isinstance(base, QuantizedPackedLinear)
