@@ -13,9 +13,10 @@ repetitions: 2 untimed steps, then 8 timed steps per provider, interleaved so ma
 hits both alike; the row median is ms per step and `extra` carries tokens/s and SPP's
 tokens/s relative to LoRA's of the same run. Quick mode: 64 tokens, 1 + 3 steps.
 
-At these shapes an SPP step does three GEMMs per projection at p = 0 (X W_eff^T, dY W_eff,
-G = dY^T X) and five at p > 0, LoRA two plus rank-8 products; the rest is host-side work
-around the GEMMs (benchmarks/NOTES.md, issue 24 part 2).
+At these shapes an SPP step does three GEMMs per projection (X W_eff^T, dY W_eff, G = dY^T
+X; at p = 0.05 plus two sparse products over the dropped entries, ops.sparse_dropout),
+LoRA two plus rank-8 products; the rest is host-side work around the GEMMs
+(benchmarks/NOTES.md, issue 24 part 2).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ MODULES = {
     "sparsity": ["", "nm", "packed", "lowbit", "semi_structured", "compressed", "sparse24", "report",
                  "hf_quantizer", "hf_conversion", "lowbit_hf"],
     "ops": ["", "quantized", "operand", "backends", "validation", "groups", "dropout", "reference", "chunked",
-            "torch_backend", "triton_backend", "linear", "merge"],
+            "sparse_dropout", "torch_backend", "triton_backend", "linear", "merge"],
     "adapters": ["", "config", "registration", "layer", "packed_layer", "bnb_layer", "lowbit_layer", "dispatch",
                  "model",
                  "peft_model", "checkpoint", "authors"],

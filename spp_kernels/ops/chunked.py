@@ -39,11 +39,21 @@ def chunks_of(m: int, n: int, r: int, dtype: torch.dtype) -> list[tuple[int, int
     return row_chunks(m, n, r, dtype.itemsize, CHUNK_BYTES)
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+def product_into(
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    row0: int = 0,
+    accumulate: bool = False,
+) -> None:
+    """out = a b (+ bias[row0 : row0 + out's columns]), or out += a b when `accumulate`."""
     if accumulate:
         out.addmm_(a, b)
-    else:
+    elif bias is None:
         torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias[row0 : row0 + out.shape[1]].to(out.dtype), a, b, out=out)
 
 
 def _adapter_only_forward(x, m, chunks, scale, dropout_p, build, kept_x) -> torch.Tensor:
@@ -52,7 +62,7 @@ def _adapter_only_forward(x, m, chunks, scale, dropout_p, build, kept_x) -> torc
     xk = x if dropout_p == 0.0 else kept_x()
     for row0, rows in chunks:
         w_ad = build(row0, rows, "adapter", scale / (1.0 - dropout_p))
-        _mm_into(y[:, row0 : row0 + rows], xk, w_ad.t(), False)
+        product_into(y[:, row0 : row0 + rows], xk, w_ad.t())
         del w_ad
     return y
 
@@ -88,10 +98,7 @@ def forward(
         out = y[:, row0 : row0 + rows]
         if dropout_p == 0.0 or dense_weight is None:
             w = build(row0, rows, mode, scale)
-            if b is None:
-                _mm_into(out, x, w.t(), False)
-            else:
-                torch.addmm(b[row0 : row0 + rows], x, w.t(), out=out)
+            product_into(out, x, w.t(), b, row0)
             del w
     if dropout_p > 0.0:
         xk = kept_x()
@@ -122,7 +129,9 @@ def backward_dx(
     if dropout_p == 0.0:
         mode = "merged" if with_base else "adapter"
         for i, (row0, rows) in enumerate(chunks):
-            _mm_into(dx, dy[:, row0 : row0 + rows], build(row0, rows, mode, scale), i > 0)
+            product_into(
+                dx, dy[:, row0 : row0 + rows], build(row0, rows, mode, scale), accumulate=i > 0
+            )
         return dx
     if not with_base:
         dx.zero_()
@@ -130,9 +139,10 @@ def backward_dx(
         torch.mm(dy, dense_weight, out=dx)
     else:
         for i, (row0, rows) in enumerate(chunks):
-            _mm_into(dx, dy[:, row0 : row0 + rows], build(row0, rows, "weight", scale), i > 0)
+            w = build(row0, rows, "weight", scale)
+            product_into(dx, dy[:, row0 : row0 + rows], w, accumulate=i > 0)
     a = torch.empty((tokens, n), dtype=dy.dtype, device=dy.device)
     for i, (row0, rows) in enumerate(chunks):
         w_ad = build(row0, rows, "adapter", scale / (1.0 - dropout_p))
-        _mm_into(a, dy[:, row0 : row0 + rows], w_ad, i > 0)
+        product_into(a, dy[:, row0 : row0 + rows], w_ad, accumulate=i > 0)
     return masked_add_(dx, a)

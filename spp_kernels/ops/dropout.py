@@ -144,7 +144,7 @@ def keep_values(bits: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     check_keep_bits(bits, bits.shape[0], n)
     table = _unpack_table(dtype, bits.device)
     flat = table.index_select(0, bits.reshape(-1).to(torch.int32))
-    return flat.view(bits.shape[0], -1)[:, :n]
+    return flat.view(bits.shape[0], 8 * bits.shape[1])[:, :n]
 
 
 def draw_keep_bits(
