@@ -74,7 +74,7 @@ def dropped_entries(bits: torch.Tensor, n: int) -> Dropped:
     index = torch.int32 if tokens * n < 2**31 else torch.int64
     crow = torch.zeros(tokens + 1, dtype=index)
     torch.cumsum(torch.bincount(rows, minlength=tokens), 0, dtype=index, out=crow[1:])
-    return Dropped(rows.mul_(n).add_(cols), cols.to(index), crow, (tokens, n))
+    return Dropped(rows * n + cols, cols.to(index), crow, (tokens, n))
 
 
 def kept_x(x: torch.Tensor, dropped: Dropped, dtype: torch.dtype) -> torch.Tensor:
