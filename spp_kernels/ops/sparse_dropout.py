@@ -20,7 +20,13 @@ break-even is near p = 0.15-0.2 (benchmarks/NOTES.md, issue 24 part 2).
 
 Every (rows, n) buffer is one chunk of spp_kernels.ops.chunked's budget, built by
 `build_pair(row0, rows, c) -> (W_c rows (rows, n), W''^T (n, rows) contiguous)` and freed
-before the next chunk. The CSR indices are int32 (what MKL's sparse kernels take).
+before the next chunk. The forward's CSR indices are int32 (what MKL's sparse matmul takes),
+the sampled product's int64 (what it takes).
+
+Non-finite inputs: an inf or NaN of X at a dropped entry still makes Y non-finite (it
+enters X W_c^T), as on the two-GEMM path; G = dY^T (keep * X) takes X with its dropped
+entries set to 0, where the two-GEMM path multiplies them by 0 (inf * 0 = NaN), so dalpha
+and dbeta can stay finite here and not there.
 """
 
 from __future__ import annotations
@@ -47,13 +53,30 @@ class Dropped(NamedTuple):
     crow: torch.Tensor  # (tokens + 1,) row pointers, cols' dtype
     shape: tuple[int, int]
 
-    def csr(self, values: torch.Tensor) -> torch.Tensor:
-        """The sparse CSR (tokens, n) matrix with `values` (nnz,) at the dropped entries."""
-        with warnings.catch_warnings():  # torch's one-time "CSR support is in beta" notice
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support", UserWarning)
-            return torch.sparse_csr_tensor(
-                self.crow, self.cols, values, self.shape, check_invariants=False
-            )
+    def csr(self, values: torch.Tensor, index: torch.dtype | None = None) -> torch.Tensor:
+        """The sparse CSR (tokens, n) matrix with `values` (nnz,) at the dropped entries,
+        its indices in `index` (default: cols' dtype)."""
+        crow, cols = self.crow, self.cols
+        if index is not None:
+            crow, cols = crow.to(index), cols.to(index)
+        if not _beta_notice_silenced:
+            return _first_csr(crow, cols, values, self.shape)
+        return torch.sparse_csr_tensor(crow, cols, values, self.shape, check_invariants=False)
+
+
+_beta_notice_silenced = False
+
+
+def _first_csr(crow, cols, values, shape) -> torch.Tensor:
+    """torch warns once per process that CSR support is in beta; that first construction
+    runs with the notice filtered (catch_warnings only once: on every call it would reset
+    the once-per-location record of the user's own warnings)."""
+    global _beta_notice_silenced
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support", UserWarning)
+        out = torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+    _beta_notice_silenced = True
+    return out
 
 
 def applies(x: torch.Tensor, dropout_p: float, bits: torch.Tensor | None) -> bool:
@@ -114,10 +137,12 @@ def backward_dx(
     """dX = dY W_c - drop * (dY W'') (tokens, n) in dy's dtype; c = s / (1 - p)."""
     tokens, n = dropped.shape
     nnz = dropped.flat.numel()
-    pattern = dropped.csr(torch.zeros(nnz, dtype=dy.dtype)) if nnz else None
+    # sampled_addmm takes int64 indices (it would convert int32 ones on every chunk).
+    pattern = dropped.csr(torch.zeros(nnz, dtype=dy.dtype), torch.int64) if nnz else None
     dx = torch.empty((tokens, n), dtype=dy.dtype, device=dy.device)
     sampled = None
-    for i, (row0, rows) in enumerate(chunks_of(m, n, r, dy.dtype)):
+    # sampled_addmm copies its column slice of dY, (tokens, rows): the chunks bound it too.
+    for i, (row0, rows) in enumerate(chunks_of(m, max(n, tokens), r, dy.dtype)):
         merged, adapter_t = build_pair(row0, rows, c)
         dy_rows = dy[:, row0 : row0 + rows]
         product_into(dx, dy_rows, merged, None, accumulate=i > 0)

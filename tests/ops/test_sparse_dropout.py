@@ -119,7 +119,9 @@ def test_no_dropped_entry_and_empty_inputs():
     kw = dict(scale=1.3, dropout_p=1e-6, seed=9)
     x = torch.randn(5, n, dtype=torch.float64)
     dy = torch.randn(5, m, dtype=torch.float64)
-    assert sparse_dropout.dropped_entries(draw_keep_bits(5, n, 1e-6, 9, "cpu"), n).flat.numel() == 0
+    bits = draw_keep_bits(5, n, 1e-6, 9, "cpu")
+    assert sparse_dropout.applies(torch.zeros(5, n, dtype=torch.float64), 1e-6, bits)
+    assert sparse_dropout.dropped_entries(bits, n).flat.numel() == 0
     ours = _grads(
         lambda *a, **k: spp_linear(*a, backend="torch", **k), x, weight, alpha, beta, None, dy, **kw
     )
@@ -163,3 +165,61 @@ def test_taken_only_where_it_pays_and_torch_has_the_kernels(dtype, p, taken, mon
         x, weight, alpha, beta, dropout_p=p, seed=3, backend="torch", with_base=False
     ).sum().backward()
     assert not calls
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+def test_partial_gradients_equal_the_two_gemm_path(with_base, need, monkeypatch):
+    """torch_backend.backward with only dX, only dalpha/dbeta, and the adapter term alone,
+    in float64 over three chunks (r does not divide m): the same numbers both ways."""
+    from spp_kernels.ops import torch_backend
+
+    tokens, m, n, r, p = 19, 45, 24, 4, 0.1
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", m * n * 8 // 3)
+    x, weight = torch.randn(tokens, n, dtype=torch.float64), _weight(m, n, "2:4", torch.float64)
+    alpha, beta = torch.randn(r, n, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    dy = torch.randn(tokens, m, dtype=torch.float64)
+    bits = draw_keep_bits(tokens, n, p, 3, "cpu")
+    assert sparse_dropout.applies(x, p, bits)
+    kw = dict(need_dx=need[0], need_dalpha_dbeta=need[1], with_base=with_base)
+    sparse = torch_backend.backward(dy, x, weight, alpha, beta, 1.5, p, bits, **kw)
+    monkeypatch.setattr(sparse_dropout, "MAX_P", 0.0)
+    dense = torch_backend.backward(dy, x, weight, alpha, beta, 1.5, p, bits, **kw)
+    for a, b, wanted in zip(sparse, dense, (need[0], need[1], need[1])):
+        assert (a is None) == (b is None) == (not wanted)
+        if wanted:
+            assert_close(a, b)
+
+
+def test_the_sampled_product_reads_dy_in_chunks_of_the_budget(monkeypatch):
+    """sampled_addmm copies its (tokens, rows) column slice of dY: with more tokens than
+    features the chunks shrink so that the copy stays within the chunk budget."""
+    tokens, m, n, r = 96, 64, 16, 8
+    budget = m * n * 4 // 4
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", budget)
+    seen = []
+    real = torch.sparse.sampled_addmm
+    monkeypatch.setattr(
+        torch.sparse, "sampled_addmm", lambda *a, **k: seen.append(a[1].shape) or real(*a, **k)
+    )
+    x = torch.randn(tokens, n, requires_grad=True)
+    alpha, beta = torch.randn(r, n, requires_grad=True), torch.randn(m, requires_grad=True)
+    spp_linear(
+        x, torch.randn(m, n), alpha, beta, dropout_p=0.1, seed=2, backend="torch"
+    ).sum().backward()
+    assert len(seen) > 1 and all(rows * cols * 4 <= budget for rows, cols in seen), seen
+
+
+def test_user_warnings_keep_their_once_per_location_record():
+    """Building the CSR matrices must not reset Python's record of shown warnings (a
+    catch_warnings block per call would make a once-per-location warning repeat)."""
+    import warnings
+
+    args = (torch.randn(8, 16), torch.randn(12, 16), torch.randn(4, 16), torch.randn(12))
+    spp_linear(*args, dropout_p=0.1, seed=1, backend="torch")  # torch's own notice is past
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            warnings.warn("a user's notice", UserWarning, stacklevel=1)
+            spp_linear(*args, dropout_p=0.1, seed=1, backend="torch")
+    assert [str(w.message) for w in seen] == ["a user's notice"]
