@@ -132,7 +132,8 @@ def backward(
     (m, n), r = weight.shape, alpha.shape[0]
     acc = acc_dtype(x.dtype)
     dropped = keep = None
-    if sparse_dropout.applies(x, dropout_p, bits):  # the dropped entries serve dX and G
+    sparse = sparse_dropout.applies(x, dropout_p, bits)
+    if sparse and (need_dalpha_dbeta or (need_dx and with_base)):  # they serve dX and G
         dropped = sparse_dropout.dropped_entries(bits, n)
     if dropout_p > 0.0 and (dropped is None or (need_dx and not with_base)):
         keep = _keep(bits, n, x.dtype)

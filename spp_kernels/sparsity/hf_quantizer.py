@@ -163,12 +163,17 @@ def _check_export_file(path: str) -> None:
                 raise ValueError(f"{path}: packed weight {key} has no {key + part} tensor")
 
 
+def register_quant_method(method: str, config_cls: type, quantizer_cls: type) -> None:
+    """Register a quant_method's config and quantizer with transformers (once each)."""
+    if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(method)(config_cls)
+    if method not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(method)(quantizer_cls)
+
+
 def register() -> None:
     """Register quant_method "spp_sparse24" (once)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(SppSparse24Config)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(SppSparse24Quantizer)
+    register_quant_method(QUANT_METHOD, SppSparse24Config, SppSparse24Quantizer)
 
 
 register()

@@ -27,12 +27,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    AUTO_QUANTIZER_MAPPING,
-    register_quantization_config,
-    register_quantizer,
-)
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -149,10 +143,9 @@ class SppLowbitQuantizer(HfQuantizer):
 
 def register() -> None:
     """Register quant_method "spp_nm_lowbit" (once)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(SppLowbitConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(SppLowbitQuantizer)
+    from .hf_quantizer import register_quant_method  # that module imports this one last
+
+    register_quant_method(QUANT_METHOD, SppLowbitConfig, SppLowbitQuantizer)
 
 
 register()
